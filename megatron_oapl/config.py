@@ -1,0 +1,852 @@
+"""One typed config tree for a run: YAML file (+ `inherit:`) + dotted overrides -> `RunConfig`.
+
+    cfg = load_config("configs/tiny.yaml", ["algo.beta2=1e-3", "parallel.tensor_model_parallel_size=1"])
+
+Each section is a dataclass; the string literal under a field is its documentation (`field_docs`,
+`oapl config show`). Every cross-part check lives in `validate`, hardware checks in `check_hardware`,
+the world-size split in `check_world_size`. Errors are `ConfigError`s that name the dotted field, the
+bad value and what is allowed.
+
+A recipe YAML may say `inherit: other.yaml` (relative to itself); sections are merged key by key, with
+the recipe's own values winning, and values that are not sections (including mappings such as
+`data.task_kwargs`) are replaced whole, so a recipe never inherits stray task arguments.
+
+This module imports only the standard library, PyYAML and torch (for the hardware check), so
+parsing a config stays fast and needs no GPU.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import difflib
+import functools
+import importlib.util
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "ParallelConfig",
+    "FP8Config",
+    "PrecisionConfig",
+    "OptimConfig",
+    "AlgoConfig",
+    "LagConfig",
+    "WeightSyncConfig",
+    "FleetConfig",
+    "DataConfig",
+    "RewardsConfig",
+    "CheckpointConfig",
+    "LoggingConfig",
+    "EvalConfig",
+    "RunConfig",
+    "CHOICES",
+    "load_config",
+    "from_dict",
+    "apply_overrides",
+    "validate",
+    "check_hardware",
+    "check_world_size",
+    "to_dict",
+    "to_yaml",
+    "field_docs",
+]
+
+
+class ConfigError(ValueError):
+    """A config value is wrong. The message names the dotted field, the value and what is allowed."""
+
+    def __init__(self, message: str, errors: list[str] | None = None):
+        super().__init__(message)
+        self.errors = errors if errors is not None else [message]
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "llama"
+    """Architecture preset (layer spec + HF name map): llama | qwen2 | qwen3."""
+    hf_path: str | None = None
+    """HF model directory (or hub id) to load weights from; when set, the architecture fields below are
+    read from its config.json by the model builder. null = build from the fields below (random init)."""
+    num_layers: int = 4
+    """Number of transformer layers."""
+    hidden_size: int = 128
+    """Model (residual stream) width."""
+    ffn_hidden_size: int = 256
+    """Width of the MLP's intermediate layer (per gate/up branch for SwiGLU)."""
+    num_attention_heads: int = 4
+    """Number of query heads."""
+    num_query_groups: int | None = None
+    """Key/value heads for grouped-query attention; null = no GQA (as many as query heads)."""
+    kv_channels: int | None = None
+    """Head dimension; null = hidden_size / num_attention_heads. Qwen3 sets it explicitly (128)."""
+    vocab_size: int = 64
+    """Tokenizer vocabulary size (before Megatron's padding)."""
+    max_seq_length: int = 64
+    """Longest prompt + completion the learner trains on (also the RoPE table length)."""
+    rotary_base: float = 10000.0
+    """RoPE base frequency (theta)."""
+    norm_epsilon: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_word_embeddings: bool = True
+    """Share the input embedding with the output layer."""
+    init_method_std: float = 0.02
+    """Std of the normal init for weights built from scratch."""
+    make_vocab_size_divisible_by: int = 1
+    """Pad the vocabulary to a multiple of this times the tensor-parallel size (Megatron's padding)."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    """Tensor-parallel size (TP) of the learner; must divide the attention heads and KV groups."""
+    pipeline_model_parallel_size: int = 1
+    """Pipeline-parallel size (PP) of the learner; must divide num_layers."""
+    data_parallel_size: int | None = None
+    """Data-parallel size (DP); null = world_size / (TP * PP). When set, world_size must equal TP*PP*DP."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism for norms/dropout (needs TP > 1)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
+    micro_batch_groups: int | None = None
+    """Prompt groups (each with its G completions) per micro-batch; null = the whole per-DP-rank batch
+    in one micro-batch. Must divide the groups each DP rank receives per step."""
+    backend: str = "auto"
+    """torch.distributed backend of the learner: auto (nccl with a GPU, gloo without) | gloo | nccl."""
+
+
+@dataclass
+class FP8Config:
+    enabled: bool = False
+    """Train in FP8 through Transformer Engine (needs a CUDA GPU and transformer-engine)."""
+    format: str = "hybrid"
+    """FP8 format: e4m3 (forward and backward) | hybrid (e4m3 forward, e5m2 gradients)."""
+    recipe: str = "delayed"
+    """Scaling recipe: delayed | tensorwise | blockwise | mxfp8 (mxfp8 needs Blackwell)."""
+    margin: int = 0
+    """Scaling-factor margin (power of 2) for the delayed recipe."""
+    amax_history_len: int = 1024
+    """Length of the amax history window (delayed recipe)."""
+    amax_compute_algo: str = "max"
+    """How the scale is taken from the amax history: max | most_recent."""
+    fp8_param: bool = False
+    """Keep parameters in FP8 (saves memory; the optimizer keeps fp32 master weights)."""
+    first_last_layers_bf16: bool = False
+    """Run the first and last transformer layers in bf16 (not allowed with the delayed recipe)."""
+
+
+@dataclass
+class PrecisionConfig:
+    params_dtype: str = "fp32"
+    """Parameter / compute dtype of the learner: fp32 | bf16 | fp16."""
+    fp8: FP8Config = field(default_factory=FP8Config)
+    """FP8 training (Transformer Engine)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate (Adam)."""
+    min_lr: float = 0.0
+    """Learning rate at the end of linear/cosine decay."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW)."""
+    adam_beta1: float = 0.9
+    """Adam first-moment decay."""
+    adam_beta2: float = 0.95
+    """Adam second-moment decay (not OAPL's beta2)."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global grad-norm clip; 0 = no clipping."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up steps from 0 to lr."""
+    lr_decay_style: str = "constant"
+    """Schedule after warm-up: constant | linear | cosine (decay to min_lr at train_steps)."""
+    train_steps: int = 200
+    """Optimizer steps of the run."""
+    max_consecutive_nonfinite: int = 3
+    """Stop the run after this many steps in a row with a non-finite loss or grad norm (each such step
+    is skipped before the optimizer runs)."""
+
+
+@dataclass
+class AlgoConfig:
+    loss: str = "oapl"
+    """Policy loss: oapl (squared-advantage regression onto the lagged policy) | grpo (GRPO with
+    importance sampling against the lagged policy; the baseline)."""
+    beta1: float = 1.0
+    """OAPL value temperature: V_hat(x) = beta1 * (logsumexp_i(r_i / beta1) - ln G). > 0; large values
+    approach the group mean, small values the group max."""
+    beta2: float = 0.5
+    """OAPL trust region: the loss regresses beta2 * [logp_theta(y|x) - logp_lag(y|x)] onto r - V_hat,
+    so a sequence log-ratio of about |advantage| / beta2 nats is where the pull-back binds. Pick beta2 so
+    that is 1-2 nats. The paper's 1e-3 fits 16K-token responses; short completions need a larger value
+    (0.5 was best for ~8-token answers, 1e-3 collapsed there; see docs/OAPL.md). > 0."""
+    logp_lag_source: str = "engine"
+    """Where logp_lag comes from: engine (log-probs returned at sampling time) | recompute (the learner
+    recomputes them with a frozen copy of the last-synced weights; one extra forward pass)."""
+    length_normalize: bool = False
+    """Divide sequence log-probs by completion length (not in the paper; beta2 must then be rescaled)."""
+    filter_degenerate_groups: bool = False
+    """Drop groups whose rewards are all equal (by default they stay as a KL anchor toward pi_lag)."""
+    grpo_eps_low: float = 0.2
+    """GRPO: lower clip range of the importance ratio (1 - eps_low)."""
+    grpo_eps_high: float = 0.2
+    """GRPO: upper clip range of the importance ratio (1 + eps_high)."""
+
+
+@dataclass
+class LagConfig:
+    sync_every: int = 10
+    """L: push the learner's weights to the fleet after every L optimizer steps (paper: 50 for math)."""
+    max_version_lag: int = 0
+    """How many policy versions older than the current one are still admitted (0 = only the current
+    version, as in the paper; older groups are dropped and counted)."""
+    mode: str = "online"
+    """online (the fleet samples while the learner trains) | offline (a pre-generated dataset stands in
+    for the fleet for a round)."""
+    offline_dataset: str | None = None
+    """Path of the pre-generated rollout dataset; required when mode=offline."""
+
+
+@dataclass
+class WeightSyncConfig:
+    bucket_mb: float = 64.0
+    """Size of each broadcast bucket of HF-named tensors, in MiB."""
+    backend: str = "auto"
+    """Process-group backend of the learner->fleet weight group: auto (nccl with a GPU) | gloo | nccl."""
+    master_addr: str = "127.0.0.1"
+    """Rendezvous address of the weight group (the learner's rank 0 host)."""
+    master_port: int = 0
+    """Rendezvous port of the weight group; 0 = pick a free port."""
+    timeout_s: float = 300.0
+    """Timeout of the weight group's collectives, in seconds."""
+
+
+@dataclass
+class FleetConfig:
+    engine: str = "torch"
+    """Inference engine: torch (light engine on transformers, for tests and the tiny default) | vllm
+    (vLLM, also its CPU build)."""
+    num_engines: int = 1
+    """Number of engine processes (M)."""
+    engine_tensor_parallel_size: int = 1
+    """Tensor-parallel size inside each engine (T)."""
+    group_size: int = 8
+    """G: completions sampled per prompt (>= 2: V_hat and GRPO's baseline need a group)."""
+    prompts_per_step: int = 16
+    """Prompt groups per optimizer step (split evenly over data-parallel ranks)."""
+    temperature: float = 1.0
+    """Sampling temperature; the learner computes log-probs at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold, 0 < top_p <= 1."""
+    max_new_tokens: int = 8
+    """Longest completion; must be < model.max_seq_length."""
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    """Learner -> fleet weight transport."""
+    rollout_addr: str = "tcp://127.0.0.1:0"
+    """Address of the rollout channel the fleet pushes groups to (port 0 = pick a free port)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Fraction of GPU memory vLLM may take (0 < x <= 1)."""
+    max_restarts: int = 3
+    """Restarts of a crashed engine before the run fails."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "reasoning_gym"
+    """Prompt source: reasoning_gym (procedurally generated task) | jsonl | parquet."""
+    task: str = "chain_sum"
+    """reasoning-gym task name (source=reasoning_gym)."""
+    task_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the reasoning-gym task's config (replaced whole, never merged, on inherit)."""
+    path: str | None = None
+    """Dataset file or directory; required for source=jsonl|parquet."""
+    chat_template: str | None = None
+    """Chat template name or Jinja file; null = the tokenizer's own template, or plain text if none."""
+    tokenizer: str | None = None
+    """Tokenizer path; null = the one in model.hf_path (or the project's tiny tokenizer)."""
+    seed: int = 0
+    """Seed of prompt generation / shuffling."""
+    num_train_prompts: int = 10000
+    """Training prompts to generate or take."""
+    num_eval_prompts: int = 200
+    """Held-out prompts for evaluation."""
+
+
+@dataclass
+class RewardsConfig:
+    name: str = "reasoning_gym"
+    """Reward function: a registered name (reasoning_gym, math, code, ...) or a dotted path pkg.mod:fn."""
+    binarize: bool = True
+    """Map rewards to {0, 1} (reward >= 1 counts as correct)."""
+    timeout_s: float = 10.0
+    """Time limit of one reward call, in seconds (a timeout scores 0)."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 0
+    """Save every N optimizer steps; 0 = only at the end of the run or on a signal."""
+    keep_last: int = 2
+    """Keep this many most recent checkpoints."""
+    load: str | None = None
+    """Checkpoint directory to resume from; null = start fresh (or resume from run_dir if it has one)."""
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    """Write TensorBoard event files under run_dir."""
+    log_every: int = 1
+    """Log metrics every N optimizer steps."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate every N optimizer steps; 0 = only at the start and the end."""
+    num_samples: int = 8
+    """n completions per eval prompt (pass@k for k <= n)."""
+    temperature: float = 1.0
+    """Sampling temperature for evaluation."""
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/tiny"
+    """Directory of the run: resolved configs, checkpoints, TensorBoard logs, reports."""
+    seed: int = 0
+    """Global seed (model init, sampling)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Policy architecture."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Learner parallelism and micro-batching."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Learner dtypes and FP8."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    """Policy loss (OAPL or the GRPO baseline)."""
+    lag: LagConfig = field(default_factory=LagConfig)
+    """Lag schedule between learner and fleet."""
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    """Inference engines, sampling and weight sync."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prompt data."""
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    """Reward function."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics logging."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation (pass@k)."""
+
+
+# Allowed values of every choice field, by dotted name.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.preset": ("llama", "qwen2", "qwen3"),
+    "parallel.backend": ("auto", "gloo", "nccl"),
+    "precision.params_dtype": ("fp32", "bf16", "fp16"),
+    "precision.fp8.format": ("e4m3", "hybrid"),
+    "precision.fp8.recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
+    "precision.fp8.amax_compute_algo": ("max", "most_recent"),
+    "optim.lr_decay_style": ("constant", "linear", "cosine"),
+    "algo.loss": ("oapl", "grpo"),
+    "algo.logp_lag_source": ("engine", "recompute"),
+    "lag.mode": ("online", "offline"),
+    "fleet.engine": ("torch", "vllm"),
+    "fleet.weight_sync.backend": ("auto", "gloo", "nccl"),
+    "data.source": ("reasoning_gym", "jsonl", "parquet"),
+}
+
+# --------------------------------------------------------------------------------------------------
+# Field docs and type helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: doc} of a config dataclass, from the string literal under each field."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source (frozen app, REPL class): docs are optional
+        return {}
+    body = ast.parse(source).body[0].body
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
+    return docs
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _split_optional(tp: Any) -> tuple[Any, bool]:
+    """(inner type, whether None is allowed) of `X | None` / `Optional[X]`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(args) < len(typing.get_args(tp)):
+            return args[0], True
+    return tp, False
+
+
+def _section_type(cls: type, key: str) -> type | None:
+    """The dataclass type of field `key` of `cls`, or None if it is not a section."""
+    if not dataclasses.is_dataclass(cls) or key not in {f.name for f in dataclasses.fields(cls)}:
+        return None
+    tp, _ = _split_optional(_hints(cls)[key])
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def _fmt(value: Any) -> str:
+    """A value as the user would write it in YAML."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    return str(value)
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               dict: "a mapping", list: "a list"}
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert a YAML value to the declared field type, or raise a ConfigError naming the field."""
+    inner, optional = _split_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name}=null is not allowed (allowed: {_type_word(inner)})")
+    if dataclasses.is_dataclass(inner):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}={_fmt(value)} must be a mapping of {name} fields "
+                              f"(allowed keys: {', '.join(f.name for f in dataclasses.fields(inner))})")
+        return _build(inner, value, name)
+    base = typing.get_origin(inner) or inner
+    bad = ConfigError(f"{name}={_fmt(value)} must be {_type_word(inner)}")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad
+    if base is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                try:
+                    value = float(value)  # "1e3" -> 1000
+                except ValueError:
+                    raise bad from None
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if base is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if base is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    if base is dict:
+        if isinstance(value, dict):
+            return copy.deepcopy(value)
+        raise bad
+    if base is list:
+        if isinstance(value, (list, tuple)):
+            return list(copy.deepcopy(value))
+        raise bad
+    return value  # Any / unannotated
+
+
+def _type_word(tp: Any) -> str:
+    return _TYPE_WORDS.get(typing.get_origin(tp) or tp, getattr(tp, "__name__", str(tp)))
+
+
+def _unknown_key(prefix: str, key: str, valid: list[str]) -> ConfigError:
+    dotted = f"{prefix}.{key}" if prefix else str(key)
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    hint = f" (did you mean {prefix + '.' if prefix else ''}{close[0]}?)" if close else ""
+    where = f"of {prefix}" if prefix else "at the top level"
+    return ConfigError(f"unknown key {dotted}{hint}; valid keys {where}: {', '.join(valid)}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a plain dict, coercing each value to its declared type."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(prefix, key, names)
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any], check_hardware: bool = True) -> RunConfig:
+    """Build and validate a RunConfig from a plain (possibly partial) dict."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {_fmt(data)}")
+    cfg = _build(RunConfig, data)
+    validate(cfg, check_hardware=check_hardware)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: YAML + inherit + overrides
+# --------------------------------------------------------------------------------------------------
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], cls: type | None = RunConfig) -> dict[str, Any]:
+    """Deep-merge `over` onto `base`: sections merge key by key, every other value is replaced whole."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        sub = _section_type(cls, key) if cls is not None else None
+        if sub is not None and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, sub)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read one YAML file and, recursively, the file it inherits from (relative to itself)."""
+    path = path.resolve()
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise ConfigError(f"inherit={_fmt(str(path))} forms a cycle ({cycle}); allowed: an acyclic chain")
+    if not path.is_file():
+        where = f" (inherited by {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file {path}{where} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {_fmt(data)}")
+    parent = data.pop("inherit", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"inherit={_fmt(parent)} in {path} must be a path to another YAML file "
+                          "(relative to this one)")
+    return _merge(_read_yaml(path.parent / parent, (*chain, path)), data)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:  # e.g. a path with ': ' in it; keep it as a string
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """Apply `section.field=value` overrides (values parsed as YAML) to a raw config dict."""
+    out = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip().lstrip("-")
+        parts = key.split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"override {item!r} must look like section.field=value "
+                              "(e.g. algo.beta2=1e-3)")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:i + 1])}={_fmt(child)} "
+                                  "is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(text)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = (),
+                check_hardware: bool = True) -> RunConfig:
+    """Read a run config: YAML file (following `inherit:`), then dotted overrides, then `validate`.
+
+    path None = the built-in defaults. check_hardware=False skips the GPU / transformer-engine check,
+    so GPU recipes can be loaded and shown on a CPU machine.
+    """
+    data = _read_yaml(Path(path)) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    return from_dict(data, check_hardware=check_hardware)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0) if n > 0 else "none"
+
+
+_POS, _NONNEG, _ONE = "> 0", ">= 0", ">= 1"
+# (dotted field, bound); None values of optional fields are skipped.
+_BOUNDS: list[tuple[str, str]] = [
+    ("model.num_layers", _ONE), ("model.hidden_size", _ONE), ("model.ffn_hidden_size", _ONE),
+    ("model.num_attention_heads", _ONE), ("model.num_query_groups", _ONE), ("model.kv_channels", _ONE),
+    ("model.vocab_size", _ONE), ("model.max_seq_length", "> 1"), ("model.rotary_base", _POS),
+    ("model.norm_epsilon", _POS), ("model.init_method_std", _POS),
+    ("model.make_vocab_size_divisible_by", _ONE),
+    ("parallel.tensor_model_parallel_size", _ONE), ("parallel.pipeline_model_parallel_size", _ONE),
+    ("parallel.data_parallel_size", _ONE), ("parallel.micro_batch_groups", _ONE),
+    ("precision.fp8.margin", _NONNEG), ("precision.fp8.amax_history_len", _ONE),
+    ("optim.lr", _POS), ("optim.min_lr", _NONNEG), ("optim.weight_decay", _NONNEG),
+    ("optim.adam_beta1", "in [0, 1)"), ("optim.adam_beta2", "in [0, 1)"), ("optim.adam_eps", _POS),
+    ("optim.clip_grad", _NONNEG), ("optim.lr_warmup_steps", _NONNEG), ("optim.train_steps", _ONE),
+    ("optim.max_consecutive_nonfinite", _ONE),
+    ("algo.beta1", _POS), ("algo.beta2", _POS), ("algo.grpo_eps_low", _NONNEG),
+    ("algo.grpo_eps_high", _NONNEG),
+    ("lag.sync_every", _ONE), ("lag.max_version_lag", _NONNEG),
+    ("fleet.num_engines", _ONE), ("fleet.engine_tensor_parallel_size", _ONE), ("fleet.group_size", ">= 2"),
+    ("fleet.prompts_per_step", _ONE), ("fleet.temperature", _POS), ("fleet.top_p", "in (0, 1]"),
+    ("fleet.max_new_tokens", _ONE), ("fleet.weight_sync.bucket_mb", _POS),
+    ("fleet.weight_sync.master_port", "in [0, 65535]"), ("fleet.weight_sync.timeout_s", _POS),
+    ("fleet.vllm_gpu_memory_utilization", "in (0, 1]"), ("fleet.max_restarts", _NONNEG),
+    ("data.num_train_prompts", _ONE), ("data.num_eval_prompts", _NONNEG),
+    ("rewards.timeout_s", _POS),
+    ("checkpoint.save_every", _NONNEG), ("checkpoint.keep_last", _ONE),
+    ("logging.log_every", _ONE),
+    ("eval.every", _NONNEG), ("eval.num_samples", _ONE), ("eval.temperature", _POS),
+]
+_BOUND_TESTS: dict[str, typing.Callable[[float], bool]] = {
+    _POS: lambda v: v > 0,
+    _NONNEG: lambda v: v >= 0,
+    _ONE: lambda v: v >= 1,
+    "> 1": lambda v: v > 1,
+    ">= 2": lambda v: v >= 2,
+    "in [0, 1)": lambda v: 0 <= v < 1,
+    "in (0, 1]": lambda v: 0 < v <= 1,
+    "in [0, 65535]": lambda v: 0 <= v <= 65535,
+}
+
+
+def _batch_split_errors(cfg: RunConfig, dp: int) -> list[str]:
+    """Each DP rank must get the same whole number of groups, in whole micro-batches."""
+    groups = cfg.fleet.prompts_per_step
+    if groups % dp:
+        return [f"fleet.prompts_per_step={groups} must be divisible by the data-parallel size {dp} "
+                f"(allowed: multiples of {dp})"]
+    mb = cfg.parallel.micro_batch_groups
+    per_rank = groups // dp
+    if mb is not None and mb >= 1 and per_rank % mb:
+        return [f"parallel.micro_batch_groups={mb} must divide the {per_rank} groups per data-parallel "
+                f"rank (fleet.prompts_per_step={groups} / DP={dp}; allowed: {_divisors(per_rank)}, "
+                "or null for one micro-batch)"]
+    return []
+
+
+def validate(cfg: RunConfig, check_hardware: bool = True) -> None:
+    """All checks of a config, across sections; raises one ConfigError listing every problem."""
+    errors: list[str] = []
+
+    for name, allowed in CHOICES.items():
+        value = _get(cfg, name)
+        if value not in allowed:
+            errors.append(f"{name}={_fmt(value)} must be one of: {', '.join(allowed)}")
+
+    for name, bound in _BOUNDS:
+        value = _get(cfg, name)
+        if value is not None and not _BOUND_TESTS[bound](value):  # NaN fails every bound
+            errors.append(f"{name}={_fmt(value)} must be {bound}")
+    if errors:  # the cross checks below assume sane values
+        raise ConfigError("\n".join(errors), errors)
+
+    m, p = cfg.model, cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    heads, groups = m.num_attention_heads, m.num_query_groups
+    if groups is not None and heads % groups:
+        errors.append(f"model.num_query_groups={groups} must divide model.num_attention_heads={heads} "
+                      f"(allowed: {_divisors(heads)})")
+    if heads % tp:
+        errors.append(f"parallel.tensor_model_parallel_size={tp} must divide model.num_attention_heads="
+                      f"{heads} (allowed: {_divisors(heads)})")
+    if groups is not None and groups % tp:
+        errors.append(f"parallel.tensor_model_parallel_size={tp} must divide model.num_query_groups="
+                      f"{groups} (allowed: {_divisors(groups)})")
+    if m.ffn_hidden_size % tp:
+        errors.append(f"model.ffn_hidden_size={m.ffn_hidden_size} must be divisible by "
+                      f"parallel.tensor_model_parallel_size={tp} (allowed TP: {_divisors(m.ffn_hidden_size)})")
+    if m.num_layers % pp:
+        errors.append(f"parallel.pipeline_model_parallel_size={pp} must divide model.num_layers="
+                      f"{m.num_layers} (allowed: {_divisors(m.num_layers)})")
+    if m.kv_channels is None and m.hidden_size % heads:
+        errors.append(f"model.hidden_size={m.hidden_size} must be divisible by model.num_attention_heads="
+                      f"{heads} when model.kv_channels is null (or set model.kv_channels)")
+    if p.sequence_parallel and tp == 1:
+        errors.append("parallel.sequence_parallel=true requires parallel.tensor_model_parallel_size > 1 "
+                      "(allowed: false with TP=1)")
+    if p.data_parallel_size is not None:
+        errors += _batch_split_errors(cfg, p.data_parallel_size)
+    elif p.micro_batch_groups is not None and p.micro_batch_groups > cfg.fleet.prompts_per_step:
+        errors.append(f"parallel.micro_batch_groups={p.micro_batch_groups} must be <= "
+                      f"fleet.prompts_per_step={cfg.fleet.prompts_per_step}")
+
+    fp8 = cfg.precision.fp8
+    if fp8.enabled and fp8.recipe == "delayed" and fp8.first_last_layers_bf16:
+        errors.append("precision.fp8.first_last_layers_bf16=true is not supported with "
+                      "precision.fp8.recipe='delayed' (allowed recipes: tensorwise, blockwise, mxfp8)")
+    if fp8.fp8_param and not fp8.enabled:
+        errors.append("precision.fp8.fp8_param=true requires precision.fp8.enabled=true")
+    if cfg.precision.params_dtype == "fp16" and fp8.enabled:
+        errors.append("precision.params_dtype='fp16' cannot be combined with precision.fp8.enabled=true "
+                      "(allowed: bf16 or fp32)")
+
+    if cfg.optim.min_lr > cfg.optim.lr:
+        errors.append(f"optim.min_lr={cfg.optim.min_lr} must be <= optim.lr={cfg.optim.lr}")
+    if cfg.fleet.max_new_tokens >= m.max_seq_length:
+        errors.append(f"fleet.max_new_tokens={cfg.fleet.max_new_tokens} must be < model.max_seq_length="
+                      f"{m.max_seq_length} (the prompt needs at least one token)")
+    if cfg.lag.mode == "offline" and not cfg.lag.offline_dataset:
+        errors.append("lag.offline_dataset=null must be set when lag.mode='offline' "
+                      "(allowed: a path to a pre-generated rollout dataset)")
+    if cfg.data.source in ("jsonl", "parquet") and not cfg.data.path:
+        errors.append(f"data.path=null must be set when data.source={_fmt(cfg.data.source)} "
+                      f"(allowed: a {cfg.data.source} file or directory)")
+    if not cfg.rewards.name:
+        errors.append("rewards.name='' must be a registered reward name or a dotted path pkg.mod:fn")
+
+    if errors:
+        raise ConfigError("\n".join(errors), errors)
+    if check_hardware:
+        _check_hardware(cfg)
+
+
+def check_hardware(cfg: RunConfig) -> None:
+    """Checks that depend on this machine: FP8 needs a CUDA GPU and transformer-engine, NCCL a GPU."""
+    import torch  # here, not at the top: parsing a config should not pay for importing torch
+
+    has_gpu = torch.cuda.is_available()
+    errors = []
+    if cfg.precision.fp8.enabled:
+        has_te = importlib.util.find_spec("transformer_engine") is not None
+        if not (has_gpu and has_te):
+            missing = " and ".join(x for x, ok in (("no GPU", has_gpu), ("no transformer-engine", has_te))
+                                   if not ok)
+            errors.append("precision.fp8.enabled=true needs a CUDA GPU and transformer-engine "
+                          f"(pip install 'megatron_oapl[gpu]'); this machine has {missing} "
+                          "(allowed here: precision.fp8.enabled=false)")
+    if cfg.parallel.sequence_parallel and not has_gpu:
+        errors.append("parallel.sequence_parallel=true needs Transformer Engine layers on a GPU (Megatron's "
+                      "local CPU layers do not support it) (allowed here: false)")
+    for name in ("parallel.backend", "fleet.weight_sync.backend"):
+        if _get(cfg, name) == "nccl" and not has_gpu:
+            errors.append(f"{name}='nccl' needs a CUDA GPU; this machine has no GPU (allowed here: auto, gloo)")
+    if errors:
+        raise ConfigError("\n".join(errors), errors)
+
+
+_check_hardware = check_hardware  # `validate`/`load_config` take a flag of the same name
+
+
+def check_world_size(cfg: RunConfig, world_size: int) -> int:
+    """The data-parallel size for `world_size` learner ranks; ConfigError if TP*PP*DP cannot match."""
+    tp = cfg.parallel.tensor_model_parallel_size
+    pp = cfg.parallel.pipeline_model_parallel_size
+    mp = tp * pp
+    if world_size < 1 or world_size % mp:
+        raise ConfigError(f"world_size={world_size} must be a multiple of parallel.tensor_model_parallel_size"
+                          f"={tp} x parallel.pipeline_model_parallel_size={pp} = {mp} "
+                          f"(allowed: {mp}, {2 * mp}, {3 * mp}, ...)")
+    dp = world_size // mp
+    want = cfg.parallel.data_parallel_size
+    if want is not None and want != dp:
+        raise ConfigError(f"parallel.data_parallel_size={want} does not match world_size={world_size} / "
+                          f"(TP={tp} x PP={pp}) = {dp} (allowed: {dp}, or null to derive it; or launch "
+                          f"{mp * want} ranks)")
+    errors = _batch_split_errors(cfg, dp)
+    if errors:
+        raise ConfigError("\n".join(errors), errors)
+    return dp
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts (YAML/JSON-ready)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any, docs: bool = False) -> str:
+    """The config as YAML that `load_config` reads back; docs=True adds each field's doc as a comment."""
+    if not docs:
+        return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+    lines: list[str] = []
+    _yaml_with_docs(cfg, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_with_docs(obj: Any, indent: int, lines: list[str]) -> None:
+    pad = "  " * indent
+    docs = field_docs(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        for line in textwrap.wrap(docs.get(f.name, ""), width=max(40, 100 - len(pad) - 2)):
+            lines.append(f"{pad}# {line}")
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{pad}{f.name}:")
+            _yaml_with_docs(value, indent + 1, lines)
+        else:
+            dumped = yaml.safe_dump(value, default_flow_style=True, width=1 << 30)
+            text = "\n".join(x for x in dumped.splitlines() if x != "...")  # drop the document end
+            lines.append(f"{pad}{f.name}: {text}")

@@ -1,0 +1,114 @@
+"""Build the Megatron-Core model for a run: TransformerConfig, layer spec and GPTModel.
+
+On a GPU machine with Transformer Engine the TE layer spec is used (required for FP8); elsewhere
+Megatron's local spec. Both produce the same parameters (modulo TE's fused layer-norm placement), and
+`hf_mapping.py` handles both names.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from megatron_oapl.config import check_hardware
+from megatron_oapl.models.fp8 import fp8_transformer_config_kwargs
+from megatron_oapl.models.presets import get_architecture
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def params_dtype(precision_cfg) -> torch.dtype:
+    return _DTYPES[precision_cfg.params_dtype]
+
+
+def use_transformer_engine() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def padded_vocab_size(model_cfg, tp_size: int) -> int:
+    """Megatron splits the vocabulary over TP ranks, so it pads it to a multiple of (multiple * TP)."""
+    multiple = max(1, model_cfg.make_vocab_size_divisible_by) * tp_size
+    return -(-model_cfg.vocab_size // multiple) * multiple
+
+
+def build_transformer_config(cfg):
+    """A Megatron `TransformerConfig` for `cfg` (a RunConfig)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    model, par, prec = cfg.model, cfg.parallel, cfg.precision
+    arch = get_architecture(model.preset)
+    check_hardware(cfg)  # FP8 without GPU/TE fails here with the config's own message
+    dtype = params_dtype(prec)
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups or model.num_attention_heads,
+        kv_channels=model.kv_channels,
+        layernorm_epsilon=model.norm_epsilon,
+        init_method_std=model.init_method_std,
+        # Llama family: RMSNorm, SwiGLU, no linear biases (Qwen2 adds q/k/v biases only).
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # Parallelism.
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        sequence_parallel=par.sequence_parallel,
+        pipeline_dtype=dtype,
+        # Initialise full weights on CPU then split, so a TP=N model starts equal to TP=1 (same seed).
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # The loss function returns (sum, count); Megatron divides by the global count after the
+        # DP all-reduce, which makes the loss independent of micro-batch count and DP size.
+        calculate_per_token_loss=True,
+        # Fused kernels exist only on GPU (apex / TE / jit CUDA).
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=False,
+        persist_layer_norm=on_gpu,
+        gradient_accumulation_fusion=False,
+        **fp8_transformer_config_kwargs(prec.fp8),
+    )
+
+
+def build_layer_spec(cfg):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    arch = get_architecture(cfg.model.preset)
+    if use_transformer_engine():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"
+    )
+
+
+def build_gpt_model(cfg, transformer_config, pre_process: bool, post_process: bool):
+    """One pipeline stage of the policy (Megatron builds only this stage's layers)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(
+        config=transformer_config,
+        transformer_layer_spec=build_layer_spec(cfg),
+        vocab_size=padded_vocab_size(cfg.model, parallel_state.get_tensor_model_parallel_world_size()),
+        max_sequence_length=cfg.model.max_seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.model.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.model.rotary_base),
+    )

@@ -1,0 +1,35 @@
+"""Architecture presets: what distinguishes Llama, Qwen2 and Qwen3 inside one decoder family.
+
+All three are pre-norm decoders with RMSNorm, SwiGLU MLPs, rotary embeddings (half-rotation, not
+interleaved) and grouped-query attention; they differ only in a few switches, so one preset table and one
+HF mapping (`hf_mapping.py`) serve all three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    hf_model_type: str  # config.json "model_type"
+    hf_architecture: str  # config.json "architectures"[0]
+    qkv_bias: bool  # Qwen2 has biases on q/k/v projections only
+    qk_layernorm: bool  # Qwen3 RMS-normalises each head of q and k before RoPE
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("llama", "llama", "LlamaForCausalLM", qkv_bias=False, qk_layernorm=False),
+    "qwen2": Architecture("qwen2", "qwen2", "Qwen2ForCausalLM", qkv_bias=True, qk_layernorm=False),
+    "qwen3": Architecture("qwen3", "qwen3", "Qwen3ForCausalLM", qkv_bias=False, qk_layernorm=True),
+}
+
+
+def get_architecture(name: str) -> Architecture:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ValueError(
+            f"model.preset={name!r} is not a known architecture (allowed: {', '.join(ARCHITECTURES)})"
+        ) from None

@@ -1,0 +1,165 @@
+"""Run unmodified Megatron-Core on CPU over gloo.
+
+Megatron-Core assumes CUDA: it allocates with `device=torch.cuda.current_device()`, moves modules with
+`.cuda()`, asserts on `tensor.type()` being a `torch.cuda.*Tensor` string, and keeps its tensor-parallel
+RNG streams in CUDA generators. Rather than forking Megatron, this module redirects those calls to the
+CPU, so the code under test is the code that runs on GPUs. It is installed only when no GPU exists (see
+`megatron_oapl.platform.activate`) and is never used on a CUDA machine.
+
+What is patched, and why:
+- `CudaOnCpu` (a TorchFunctionMode): rewrites any `device=` naming CUDA (str, torch.device or an int
+  ordinal) to CPU, makes `Tensor.cuda()` the identity, and makes argument-less `Tensor.type()` report
+  `torch.cuda.<X>Tensor` (the optimizer and grad clipping assert on that string).
+- `torch.cuda.{current_device, synchronize, device_count, set_device, ...}`: answers for "one device 0".
+- RNG: `torch.cuda.{get,set}_rng_state/manual_seed` and Megatron's `_get/_set_cuda_rng_state` act on
+  the CPU default generator, so `model_parallel_cuda_manual_seed` and the RNG tracker work unchanged.
+- `torch.cuda.nvtx` ranges and streams/events: no-ops (profiling and overlap only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_INSTALLED = False
+_MODE: "CudaOnCpu | None" = None
+
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+    torch.float64: "torch.cuda.DoubleTensor",
+    torch.int64: "torch.cuda.LongTensor",
+    torch.int32: "torch.cuda.IntTensor",
+    torch.uint8: "torch.cuda.ByteTensor",
+    torch.bool: "torch.cuda.BoolTensor",
+}
+
+_CPU = torch.device("cpu")
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int is a CUDA ordinal in torch's factory functions (and in Megatron's
+    # `device=torch.cuda.current_device()`); bool is an int subclass but never a device.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+def _to_cpu_device(device):
+    return _CPU if _is_cuda_device(device) else device
+
+
+class CudaOnCpu(TorchFunctionMode):
+    """Redirects CUDA device requests made through torch functions to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return _CUDA_TYPE_NAMES.get(args[0].dtype, "torch.cuda.FloatTensor")
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if func is torch.Tensor.to and len(args) > 1 and _is_device_like(args[1]):
+            args = (args[0], _to_cpu_device(args[1]), *args[2:])
+        return func(*args, **kwargs)
+
+
+def _is_device_like(x) -> bool:
+    return isinstance(x, (torch.device, str)) or (isinstance(x, int) and not isinstance(x, bool))
+
+
+def _cpu_get_rng_state(device="cuda", clone=False, graph_safe=False):
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream / Event: CPU work is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NullStream()
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    cuda.current_device = lambda: 0
+    cuda.device_count = lambda: 1
+    cuda.set_device = lambda device: None
+    cuda.synchronize = lambda device=None: None
+    cuda.empty_cache = lambda: None
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = lambda seed: None
+    cuda.random.get_rng_state = cuda.get_rng_state
+    cuda.random.set_rng_state = cuda.set_rng_state
+    cuda.Stream = _NullStream
+    cuda.Event = _NullStream
+    cuda.current_stream = lambda device=None: _NullStream()
+    cuda.default_stream = lambda device=None: _NullStream()
+    cuda.stream = lambda stream=None: contextlib.nullcontext()
+    cuda.memory_allocated = lambda device=None: 0
+    cuda.max_memory_allocated = lambda device=None: 0
+    cuda.memory_reserved = lambda device=None: 0
+    cuda.nvtx.range_push = lambda msg: None
+    cuda.nvtx.range_pop = lambda: None
+    cuda.nvtx.range = lambda *a, **k: contextlib.nullcontext()
+
+
+def _patch_megatron_rng() -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = _cpu_get_rng_state
+    mcore_random._set_cuda_rng_state = _cpu_set_rng_state
+
+
+def install() -> None:
+    """Install the CPU layer in this process (idempotent)."""
+    global _INSTALLED, _MODE
+    if _INSTALLED:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("the CPU compatibility layer must not be installed on a CUDA machine")
+    _patch_torch_cuda()
+    _patch_megatron_rng()
+    _MODE = CudaOnCpu()
+    _MODE.__enter__()
+    _INSTALLED = True
+
+
+def installed() -> bool:
+    return _INSTALLED
