@@ -1,0 +1,1 @@
+"""Architecture presets, the Megatron model builder and the one HF <-> Megatron parameter mapping."""
