@@ -2,6 +2,7 @@
 
     oapl config show configs/tiny.yaml [key=value ...]   print the resolved config with field docs
     oapl train configs/tiny.yaml [key=value ...]         the main job (learners + fleet on this machine)
+    oapl eval configs/tiny.yaml --model DIR              pass@k of an HF model directory
 
 Multi-GPU and SLURM invocations are documented under each subcommand's --help.
 """
@@ -24,6 +25,68 @@ def _config_show(args) -> int:
     return 0
 
 
+def _load(args):
+    from megatron_oapl.config import load_config
+    from megatron_oapl.models.hf_config import resolve_model
+
+    cfg = resolve_model(load_config(args.config, tuple(args.overrides)))
+    if not cfg.model.hf_path:
+        raise SystemExit(
+            "error: model.hf_path is not set: training starts from an HF model directory "
+            "(for the tiny default: python tools/make_tiny_model.py --out runs/tiny-model)"
+        )
+    return cfg
+
+
+def _summary_line(before, after) -> str:
+    return (f"pass@1: {before.pass_at_k[1]:.3f} ± {before.stderr[1]:.3f} -> "
+            f"{after.pass_at_k[1]:.3f} ± {after.stderr[1]:.3f}")
+
+
+def _train(args) -> int:
+    import os
+    from pathlib import Path
+
+    from megatron_oapl.config import to_dict, to_yaml
+
+    cfg = _load(args)
+    if "RANK" in os.environ:  # under torchrun / srun: this process is one learner rank
+        from megatron_oapl.train import train
+
+        train(to_dict(cfg))
+        return 0
+    from megatron_oapl.evaluation import evaluate, format_table, write_reports
+    from megatron_oapl.launcher import spawn_learners
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg, docs=True))
+    before = evaluate(cfg, cfg.model.hf_path, progress=True)
+    print(f"before training: pass@1 {before.pass_at_k[1]:.3f} ± {before.stderr[1]:.3f}", flush=True)
+    spawn_learners(cfg)
+    after = evaluate(cfg, str(run_dir / "hf"), progress=True)
+    reports = {"before": before, "after": after}
+    write_reports(run_dir / "eval", reports)
+    print(format_table(reports))
+    print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}  |  final model: {run_dir / 'hf'}")
+    print(_summary_line(before, after))
+    return 0
+
+
+def _eval(args) -> int:
+    from pathlib import Path
+
+    from megatron_oapl.evaluation import evaluate, format_table, write_reports
+
+    cfg = _load(args)
+    report = evaluate(cfg, args.model or cfg.model.hf_path, progress=True)
+    out = write_reports(Path(args.out or Path(cfg.run_dir) / "eval"), {"model": report})
+    print(format_table({"model": report}))
+    print(f"report: {out / 'eval.json'}, plot: {out / 'pass_at_k.png'}")
+    print(f"pass@1: {report.pass_at_k[1]:.3f} ± {report.stderr[1]:.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="oapl",
@@ -39,6 +102,23 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
     show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo.beta2=0.1")
     show.set_defaults(func=_config_show)
+
+    train = sub.add_parser(
+        "train", help="run OAPL: learners + engine fleet (+ pass@k before/after on this machine)",
+        description="Local: `oapl train configs/tiny.yaml` spawns TP*PP*DP learner ranks and the engines. "
+        "Multi-node: run `oapl train CONFIG` under torchrun/srun (one process per GPU; RANK etc. set), "
+        "or submit with `oapl launch slurm` (see docs/).",
+    )
+    train.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.train_steps=50")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="pass@k (k = 1..n) of an HF model directory on the held-out prompts")
+    ev.add_argument("config", help="YAML run config (data, rewards, eval sections are used)")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.num_samples=16")
+    ev.add_argument("--model", help="HF model directory (default: model.hf_path)")
+    ev.add_argument("--out", help="report directory (default: RUN_DIR/eval)")
+    ev.set_defaults(func=_eval)
     return parser
 
 

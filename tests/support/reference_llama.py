@@ -126,7 +126,11 @@ class ReferenceLlama(nn.Module):
         self.model = Decoder(c)
         if not c.tie_word_embeddings:
             self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        with torch.no_grad():  # non-trivial norm weights and biases, so that a mix-up would show
+        with torch.no_grad():
+            # nn.Embedding's N(0, 1) with a tied head gives one-hot next-token distributions (the logit of
+            # the current token is |e|^2 ~ hidden); a smaller scale keeps sampling non-degenerate.
+            self.model.embed_tokens.weight.normal_(0, 0.1)
+            # Non-trivial norm weights and biases, so that a mix-up would show.
             for name, p in self.named_parameters():
                 if name.endswith("norm.weight") or name.endswith(".bias"):
                     p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0, 0.1)

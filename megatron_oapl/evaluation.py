@@ -1,0 +1,105 @@
+"""pass@k evaluation on held-out prompts: n samples per prompt, the unbiased estimator for k = 1..n,
+with the standard error over prompts; a JSON report and a PNG plot (before vs after)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megatron_oapl.algo import pass_at_k
+from megatron_oapl.rollout.types import SamplingParams
+
+_PROMPTS_PER_CALL = 32
+
+
+@dataclass
+class EvalReport:
+    num_prompts: int
+    num_samples: int
+    pass_at_k: dict[int, float]
+    stderr: dict[int, float]  # std over prompts of the per-prompt estimate / sqrt(num_prompts)
+    correct: list[int]  # correct samples per prompt
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def report_from_counts(correct: list[int], n: int) -> EvalReport:
+    counts = np.asarray(correct)
+    values, errors = {}, {}
+    for k in range(1, n + 1):
+        per_prompt = pass_at_k(n, counts, k)
+        values[k] = float(per_prompt.mean())
+        errors[k] = float(per_prompt.std(ddof=1) / math.sqrt(len(counts))) if len(counts) > 1 else 0.0
+    return EvalReport(len(counts), n, values, errors, [int(c) for c in counts])
+
+
+def evaluate(cfg, model_dir: str, progress: bool = False) -> EvalReport:
+    """Sample `eval.num_samples` completions per eval prompt with the light engine and score them."""
+    from megatron_oapl.data.prompts import load_prompts
+    from megatron_oapl.data.templates import render_prompt
+    from megatron_oapl.data.tokenizer import encode_prompt, load_tokenizer, stop_token_ids
+    from megatron_oapl.rewards.registry import RewardScorer
+    from megatron_oapl.rollout.torch_engine import TorchEngine
+
+    tokenizer = load_tokenizer(model_dir)
+    engine = TorchEngine(model_dir, seed=cfg.seed + 7)
+    scorer = RewardScorer(cfg.rewards)
+    prompts = load_prompts(cfg.data, "eval")
+    params = SamplingParams(
+        n=cfg.eval.num_samples, temperature=cfg.eval.temperature, top_p=cfg.fleet.top_p,
+        max_new_tokens=cfg.fleet.max_new_tokens, stop_token_ids=tuple(stop_token_ids(tokenizer)),
+        seed=cfg.seed,
+    )
+    chunks = range(0, len(prompts), _PROMPTS_PER_CALL)
+    if progress:
+        from tqdm import tqdm
+
+        chunks = tqdm(chunks, desc="eval", unit="batch", leave=False)
+    correct = []
+    for start in chunks:
+        chunk = prompts[start : start + _PROMPTS_PER_CALL]
+        ids = [encode_prompt(tokenizer, render_prompt(tokenizer, cfg.data.chat_template, p.text)) for p in chunk]
+        for prompt, samples in zip(chunk, engine.generate(ids, params)):
+            correct.append(sum(scorer.score(s.text, prompt) == 1.0 for s in samples))
+    return report_from_counts(correct, params.n)
+
+
+def write_reports(out_dir: str | Path, reports: dict[str, EvalReport]) -> Path:
+    """`eval.json` with every report and `pass_at_k.png` plotting pass@k against k for each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps({name: r.to_dict() for name, r in reports.items()}, indent=2))
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, report in reports.items():
+        ks = sorted(report.pass_at_k)
+        ax.errorbar(ks, [report.pass_at_k[k] for k in ks], yerr=[report.stderr[k] for k in ks],
+                    marker="o", capsize=3, label=name)
+    ax.set_xlabel("k")
+    ax.set_ylabel("pass@k")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "pass_at_k.png", dpi=120)
+    plt.close(fig)
+    return out
+
+
+def format_table(reports: dict[str, EvalReport]) -> str:
+    names = list(reports)
+    ks = sorted(next(iter(reports.values())).pass_at_k)
+    lines = ["k  " + "  ".join(f"{n:>16}" for n in names)]
+    for k in ks:
+        cells = [f"{reports[n].pass_at_k[k]:.3f} ± {reports[n].stderr[k]:.3f}" for n in names]
+        lines.append(f"{k:<3}" + "  ".join(f"{c:>16}" for c in cells))
+    return "\n".join(lines)

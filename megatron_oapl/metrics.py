@@ -1,0 +1,74 @@
+"""Every metric name in one place, and the TensorBoard writer (coordinator only).
+
+Names are `section/name`; the loss-side diagnostics returned by `algo/` keep their own keys and are
+logged under `loss/`. `MetricsWriter` is a no-op on every rank but the coordinator, so the loop never
+checks ranks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Loss and its diagnostics.
+LOSS = "loss/total"
+LOSS_PREFIX = "loss/"  # + algo metric keys (residual_mean, abs_log_ratio_mean, advantage_*, ...)
+GRAD_NORM = "optim/grad_norm"
+LR = "optim/lr"
+SKIPPED_STEPS = "optim/skipped_nonfinite_total"
+
+# Rollouts.
+REWARD_MEAN = "rollout/reward_mean"
+ACCURACY = "rollout/accuracy"  # fraction of samples with reward 1
+RESPONSE_LENGTH = "rollout/response_length_mean"
+TRUNCATED_FRACTION = "rollout/truncated_frac"  # finish_reason == "length"
+SEQUENCE_ENTROPY = "rollout/sequence_entropy"  # -mean sequence log-prob under the behaviour policy
+REWARD_ERRORS = "rollout/reward_errors_total"
+REWARD_TIMEOUTS = "rollout/reward_timeouts_total"
+
+# Lag schedule and versions.
+POLICY_VERSION = "lag/policy_version"
+GROUP_LAG = "lag/consumed_group_lag_mean"  # current version - group version, over consumed groups
+DROPPED_STALE = "lag/dropped_stale_total"
+LOGP_GAP = "lag/engine_learner_logp_gap"  # mean |logp_engine - logp_learner| per sequence (recompute)
+
+# Weight sync.
+SYNC_SECONDS = "sync/seconds"
+SYNC_BYTES = "sync/bytes"
+ENGINE_RESTARTS = "fleet/engine_restarts_total"
+
+# Throughput and timers.
+STEP_SECONDS = "time/step_seconds"
+WAIT_SECONDS = "time/wait_for_rollouts_seconds"  # learner idle, waiting on the fleet
+TOKENS_PER_SECOND = "perf/tokens_per_second"
+IDLE_FRACTION = "perf/learner_idle_frac"
+
+# Evaluation.
+PASS_AT_K = "eval/pass@{k}"
+
+
+def pass_at(k: int) -> str:
+    return PASS_AT_K.format(k=k)
+
+
+class MetricsWriter:
+    def __init__(self, log_dir: str | Path | None, enabled: bool = True):
+        self._writer = None
+        if enabled and log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(log_dir))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self._writer is None:
+            return
+        for name, value in values.items():
+            self._writer.add_scalar(name, float(value), step)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

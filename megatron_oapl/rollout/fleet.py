@@ -1,0 +1,259 @@
+"""The fleet: M engine processes that sample groups, score them and push them, version-tagged, to the
+coordinator over ZeroMQ; and the coordinator-side handle that starts, restarts and syncs them.
+
+Channels (both ZeroMQ, both opened by the coordinator):
+- rollouts: engines PUSH pickled `RolloutGroup`s -> coordinator PULL. A small high-water mark gives
+  back-pressure; engines send without blocking so that they keep answering control messages.
+- control: coordinator ROUTER <-> engine DEALER (identity = engine id): `hello` (engine -> coordinator,
+  on start), `sync` (coordinator -> engine: rendezvous of the weight groups and the new version),
+  `synced` (engine -> coordinator: applied or refused), `stop`.
+
+An engine process that dies is restarted (up to `fleet.max_restarts` times each) from the initial
+weights at version 0; the coordinator then re-syncs it to the current version before its groups can be
+admitted (groups of an old version are dropped and counted by the buffer, never mixed).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import pickle
+import random
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from megatron_oapl.rollout.types import Prompt, RolloutGroup, SamplingParams
+
+log = logging.getLogger(__name__)
+
+_PROMPTS_PER_CALL = 4
+
+
+def build_engine(cfg, model_dir: str, engine_id: int):
+    if cfg.fleet.engine == "torch":
+        from megatron_oapl.rollout.torch_engine import TorchEngine
+
+        return TorchEngine(model_dir, seed=cfg.seed * 1000 + engine_id)
+    if cfg.fleet.engine == "vllm":
+        from megatron_oapl.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_dir, cfg, seed=cfg.seed * 1000 + engine_id)
+    raise ValueError(f"fleet.engine={cfg.fleet.engine!r} is not a known engine (allowed: torch, vllm)")
+
+
+class PromptSource:
+    """An endless, seeded, per-engine shuffled stream of training prompts, already tokenised."""
+
+    def __init__(self, cfg, tokenizer, engine_id: int, num_engines: int, generation: int):
+        from megatron_oapl.data.prompts import load_prompts
+        from megatron_oapl.data.templates import render_prompt
+        from megatron_oapl.data.tokenizer import encode_prompt
+
+        prompts = load_prompts(cfg.data, "train")[engine_id::num_engines]
+        self.items = [(p, encode_prompt(tokenizer, render_prompt(tokenizer, cfg.data.chat_template, p.text)))
+                      for p in prompts]
+        self.rng = random.Random(hash((cfg.data.seed, engine_id, generation)) & 0xFFFFFFFF)
+
+    def next(self, count: int) -> list[tuple[Prompt, list[int]]]:
+        return [self.items[self.rng.randrange(len(self.items))] for _ in range(count)]
+
+
+def engine_main(engine_id: int, generation: int, cfg_dict: dict, model_dir: str,
+                rollout_addr: str, control_addr: str) -> None:
+    """Body of one engine process."""
+    import torch
+
+    from megatron_oapl.config import from_dict
+    from megatron_oapl.data.tokenizer import load_tokenizer, stop_token_ids
+    from megatron_oapl.rewards.registry import RewardScorer
+    from megatron_oapl.rollout.weight_receiver import receive_all_stages
+    from megatron_oapl.weights.transport import Rendezvous, WeightSyncError
+
+    torch.set_num_threads(1)
+    cfg = from_dict(cfg_dict, check_hardware=False)
+    engine = build_engine(cfg, model_dir, engine_id)
+    tokenizer = load_tokenizer(model_dir)
+    source = PromptSource(cfg, tokenizer, engine_id, cfg.fleet.num_engines, generation)
+    scorer = RewardScorer(cfg.rewards)
+    params = SamplingParams(
+        n=cfg.fleet.group_size, temperature=cfg.fleet.temperature, top_p=cfg.fleet.top_p,
+        max_new_tokens=cfg.fleet.max_new_tokens, stop_token_ids=tuple(stop_token_ids(tokenizer)),
+    )
+    zctx = zmq.Context()
+    control = zctx.socket(zmq.DEALER)
+    control.setsockopt(zmq.IDENTITY, str(engine_id).encode())
+    control.connect(control_addr)
+    out = zctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.SNDHWM, 4)
+    out.connect(rollout_addr)
+    control.send_pyobj({"type": "hello", "engine": engine_id, "generation": generation, "version": engine.version})
+
+    def handle_control() -> bool:
+        """Process pending control messages; False once told to stop."""
+        while control.poll(0):
+            msg = control.recv_pyobj()
+            if msg["type"] == "stop":
+                return False
+            if msg["type"] == "sync":
+                rdvs = [Rendezvous(**r) for r in msg["rendezvous"]]
+                reply = {"type": "synced", "engine": engine_id, "version": msg["version"], "error": None}
+                try:
+                    start = time.perf_counter()
+                    tensors = receive_all_stages(rdvs, msg["rank"], msg["version"])
+                    engine.load_weights(tensors, msg["version"])
+                    reply["seconds"] = time.perf_counter() - start
+                except WeightSyncError as err:  # keep the previous weights and say so
+                    reply["error"] = str(err)
+                control.send_pyobj(reply)
+        return True
+
+    try:
+        while handle_control():
+            chosen = source.next(_PROMPTS_PER_CALL)
+            version = engine.version
+            results = engine.generate([ids for _, ids in chosen], params)
+            for (prompt, ids), samples in zip(chosen, results):
+                for sample in samples:
+                    sample.reward = scorer.score(sample.text, prompt)
+                prompt_with_ids = Prompt(prompt.prompt_id, ids, prompt.text, prompt.answer, prompt.metadata)
+                group = RolloutGroup(prompt_with_ids, samples, version, params.temperature, params.top_p, engine_id)
+                payload = pickle.dumps(group)
+                while True:  # non-blocking send, so a sync request is never stuck behind back-pressure
+                    try:
+                        out.send(payload, zmq.NOBLOCK)
+                        break
+                    except zmq.Again:
+                        if not handle_control():
+                            return
+                        time.sleep(0.01)
+    finally:
+        engine.close()
+        control.close(0)
+        out.close(0)
+        zctx.term()
+
+
+@dataclass
+class EngineProcess:
+    engine_id: int
+    process: mp.Process
+    generation: int
+    version: int = -1  # unknown until its hello
+    restarts: int = 0
+
+
+class Fleet:
+    """Coordinator-side handle of the engine processes."""
+
+    def __init__(self, cfg, cfg_dict: dict, model_dir: str, host: str = "127.0.0.1"):
+        self.cfg, self.cfg_dict, self.model_dir = cfg, cfg_dict, model_dir
+        self.zctx = zmq.Context()
+        self.rollouts = self.zctx.socket(zmq.PULL)
+        self.rollouts.setsockopt(zmq.RCVHWM, 4)
+        port = self.rollouts.bind_to_random_port(f"tcp://{host}")
+        self.rollout_addr = f"tcp://{host}:{port}"
+        self.control = self.zctx.socket(zmq.ROUTER)
+        port = self.control.bind_to_random_port(f"tcp://{host}")
+        self.control_addr = f"tcp://{host}:{port}"
+        self._mp = mp.get_context("spawn")
+        self.engines = {i: self._start(i, generation=0) for i in range(cfg.fleet.num_engines)}
+        self.restarts_total = 0
+        self.pending_replies: list[dict] = []
+
+    def _start(self, engine_id: int, generation: int) -> EngineProcess:
+        proc = self._mp.Process(
+            target=engine_main, name=f"oapl-engine-{engine_id}", daemon=True,
+            args=(engine_id, generation, self.cfg_dict, self.model_dir, self.rollout_addr, self.control_addr),
+        )
+        proc.start()
+        return EngineProcess(engine_id, proc, generation)
+
+    def _send(self, engine_id: int, msg: dict) -> None:
+        self.control.send_multipart([str(engine_id).encode(), pickle.dumps(msg)])
+
+    def _read_control(self, timeout_ms: int = 0) -> None:
+        while self.control.poll(timeout_ms):
+            _, payload = self.control.recv_multipart()
+            msg = pickle.loads(payload)
+            handle = self.engines.get(msg["engine"])
+            if msg["type"] == "hello" and handle is not None and msg["generation"] == handle.generation:
+                handle.version = msg["version"]
+            elif msg["type"] == "synced":
+                self.pending_replies.append(msg)
+            timeout_ms = 0
+
+    def restart_dead(self) -> list[int]:
+        """Restart engines whose process died; returns their ids (they hold version 0 weights)."""
+        restarted = []
+        for engine_id, handle in list(self.engines.items()):
+            if handle.process.is_alive():
+                continue
+            if handle.restarts >= self.cfg.fleet.max_restarts:
+                raise RuntimeError(
+                    f"engine {engine_id} died {handle.restarts + 1} times (exit code {handle.process.exitcode}); "
+                    f"fleet.max_restarts={self.cfg.fleet.max_restarts} reached"
+                )
+            log.warning("engine %d died (exit code %s); restarting", engine_id, handle.process.exitcode)
+            new = self._start(engine_id, handle.generation + 1)
+            new.restarts = handle.restarts + 1
+            self.engines[engine_id] = new
+            self.restarts_total += 1
+            restarted.append(engine_id)
+        return restarted
+
+    def wait_ready(self, engine_ids, timeout_s: float = 300.0) -> None:
+        """Block until the given engines said hello (they are then ready to join a weight group)."""
+        deadline = time.monotonic() + timeout_s
+        while any(self.engines[i].version < 0 for i in engine_ids):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"engines {list(engine_ids)} did not start within {timeout_s:.0f} s")
+            for i in engine_ids:
+                if not self.engines[i].process.is_alive():
+                    raise RuntimeError(f"engine {i} exited during start-up (exit code {self.engines[i].process.exitcode})")
+            self._read_control(200)
+
+    def request_sync(self, engine_ids: list[int], version: int, rendezvous: list[dict]) -> None:
+        """Tell engines to join the weight groups (engine k of the list is group rank k + 1)."""
+        for rank, engine_id in enumerate(engine_ids, start=1):
+            self._send(engine_id, {"type": "sync", "version": version, "rendezvous": rendezvous, "rank": rank})
+
+    def wait_synced(self, engine_ids: list[int], version: int, timeout_s: float) -> dict[int, dict]:
+        deadline, replies = time.monotonic() + timeout_s, {}
+        while len(replies) < len(engine_ids):
+            self._read_control(100)
+            for msg in list(self.pending_replies):
+                if msg["version"] == version and msg["engine"] in engine_ids:
+                    replies[msg["engine"]] = msg
+                    self.pending_replies.remove(msg)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"engines {sorted(set(engine_ids) - set(replies))} did not confirm version {version}")
+        for engine_id, msg in replies.items():
+            if msg["error"] is None:
+                self.engines[engine_id].version = version
+        return replies
+
+    def poll_groups(self, timeout_ms: int) -> list[RolloutGroup]:
+        groups = []
+        if self.rollouts.poll(timeout_ms):
+            while True:
+                try:
+                    groups.append(pickle.loads(self.rollouts.recv(zmq.NOBLOCK)))
+                except zmq.Again:
+                    break
+        self._read_control(0)
+        return groups
+
+    def close(self) -> None:
+        for engine_id, handle in self.engines.items():
+            if handle.process.is_alive():
+                self._send(engine_id, {"type": "stop"})
+        for handle in self.engines.values():
+            handle.process.join(timeout=10)
+            if handle.process.is_alive():
+                handle.process.terminate()
+                handle.process.join(timeout=5)
+        self.rollouts.close(0)
+        self.control.close(0)
+        self.zctx.term()

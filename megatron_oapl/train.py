@@ -1,0 +1,308 @@
+"""The OAPL main loop, top to bottom.
+
+Every learner rank runs `train`; global rank 0 is also the coordinator: it owns the fleet of engine
+processes, the versioned buffer, the lag schedule's bookkeeping, TensorBoard and the progress line.
+
+    per step:   coordinator collects P groups of the current policy version (re-syncing restarted
+                engines first) -> broadcast -> [recompute logp_lag] -> OAPL step through Megatron
+    every L:    version += 1 -> every pipeline stage pushes its layers to every engine -> the buffer
+                drops all groups of older versions
+
+Launch: `oapl train configs/tiny.yaml` spawns the learner ranks on this machine; under torchrun/srun
+(RANK set) `python -m megatron_oapl.train CONFIG` runs one rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_oapl import metrics as M
+from megatron_oapl.config import from_dict, to_dict
+from megatron_oapl.learner.batch import TrainBatch, build_batch
+from megatron_oapl.learner.distributed import destroy_distributed, init_distributed
+from megatron_oapl.learner.model import build_model, build_policy
+from megatron_oapl.learner.step import NonFiniteGuard, forward_logprobs, train_step
+from megatron_oapl.models.hf_config import resolve_model
+from megatron_oapl.models.hf_mapping import HFMapping
+from megatron_oapl.models.presets import get_architecture
+from megatron_oapl.schedule import LagSchedule, VersionedBuffer
+from megatron_oapl.weights.hf_io import hf_tensor_reader, save_hf_model
+from megatron_oapl.weights.reshard import iter_hf_tensors, load_hf_tensors
+from megatron_oapl.weights.sync import is_stage_sender, stage_rendezvous
+from megatron_oapl.weights.transport import Rendezvous, WeightGroup, WeightStoreServer, send_weights
+
+log = logging.getLogger("oapl.train")
+
+
+# --------------------------------------------------------------------------------------------------
+# Coordinator (global rank 0): fleet, buffer, metrics
+# --------------------------------------------------------------------------------------------------
+
+
+class Coordinator:
+    def __init__(self, cfg, cfg_dict: dict, schedule: LagSchedule):
+        from megatron_oapl.rollout.fleet import Fleet
+
+        self.cfg, self.schedule = cfg, schedule
+        self.store = WeightStoreServer(cfg.fleet.weight_sync.master_addr, cfg.fleet.weight_sync.master_port,
+                                       cfg.fleet.weight_sync.timeout_s)
+        self.fleet = Fleet(cfg, cfg_dict, cfg.model.hf_path)
+        self.buffer = VersionedBuffer(schedule)
+        self.writer = M.MetricsWriter(Path(cfg.run_dir) / "tensorboard", cfg.logging.tensorboard)
+        self.wait_seconds = self.busy_seconds = 0.0
+        self.consumed_versions: list[int] = []
+        self.fleet.wait_ready(list(self.fleet.engines), timeout_s=cfg.fleet.weight_sync.timeout_s)
+
+    def next_message(self, version: int) -> dict:
+        """Either engines to re-sync (restarted ones) or the next batch of admissible groups."""
+        start = time.perf_counter()
+        try:
+            while True:
+                restarted = self.fleet.restart_dead()
+                if restarted:
+                    self.fleet.wait_ready(restarted, self.cfg.fleet.weight_sync.timeout_s)
+                stale = [i for i, h in self.fleet.engines.items() if 0 <= h.version != version]
+                if stale:
+                    return {"resync": stale}
+                for group in self.fleet.poll_groups(100):
+                    self.buffer.add(group)
+                groups = self.buffer.take(self.cfg.fleet.prompts_per_step)
+                if groups is not None:
+                    self.consumed_versions.extend(g.policy_version for g in groups)
+                    return {"groups": groups}
+        finally:
+            self.wait_seconds += time.perf_counter() - start
+
+    def request_sync(self, engine_ids: list[int], version: int, rdvs: list[Rendezvous]) -> None:
+        self.fleet.request_sync(engine_ids, version, [r.to_dict() for r in rdvs])
+
+    def finish_sync(self, engine_ids: list[int], version: int) -> dict:
+        replies = self.fleet.wait_synced(engine_ids, version, self.cfg.fleet.weight_sync.timeout_s)
+        refused = {i: r["error"] for i, r in replies.items() if r["error"]}
+        if refused:
+            log.error("engines refused version %d: %s", version, refused)
+        evicted = self.buffer.advance(version)
+        return {"evicted": evicted, "seconds": max((r.get("seconds", 0.0) for r in replies.values()), default=0.0)}
+
+    def close(self) -> None:
+        self.fleet.close()
+        self.writer.close()
+
+
+def rollout_metrics(groups, version: int) -> dict[str, float]:
+    samples = [s for g in groups for s in g.samples]
+    rewards = torch.tensor([s.reward or 0.0 for s in samples])
+    return {
+        M.REWARD_MEAN: rewards.mean().item(),
+        M.ACCURACY: (rewards == 1.0).float().mean().item(),
+        M.RESPONSE_LENGTH: sum(len(s.token_ids) for s in samples) / len(samples),
+        M.TRUNCATED_FRACTION: sum(s.finish_reason == "length" for s in samples) / len(samples),
+        M.SEQUENCE_ENTROPY: -sum(sum(s.logprobs) for s in samples) / len(samples),
+        M.POLICY_VERSION: version,
+        M.GROUP_LAG: sum(version - g.policy_version for g in groups) / len(groups),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Learner side: batches, syncs
+# --------------------------------------------------------------------------------------------------
+
+
+def batch_from_groups(groups, pad_id: int) -> TrainBatch:
+    return build_batch(
+        [g.prompt.token_ids for g in groups],
+        [[s.token_ids for s in g.samples] for g in groups],
+        [g.rewards for g in groups],
+        [[s.logprobs for s in g.samples] for g in groups],
+        pad_id=pad_id,
+    )
+
+
+def broadcast_from_coordinator(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@dataclasses.dataclass
+class SyncState:
+    """Learner-side sync bookkeeping, identical on every rank."""
+
+    store_addr: str
+    store_port: int
+    num_stages: int
+    epoch: int = 0
+    last_push: list | None = None  # this stage sender's last pushed tensors, for re-syncs
+
+    def rendezvous(self, num_engines: int, cfg) -> list[Rendezvous]:
+        self.epoch += 1
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        return stage_rendezvous(self.store_addr, self.store_port, self.epoch, self.num_stages, num_engines,
+                                backend, cfg.fleet.weight_sync.timeout_s)
+
+
+def push(policy, mapping, ctx, rdvs, version, cfg, state: SyncState, from_cache: bool) -> None:
+    """Every stage's sender streams its tensors (the fresh weights, or the cached last push)."""
+    bucket_bytes = int(cfg.fleet.weight_sync.bucket_mb * 2**20)
+    if from_cache:
+        if is_stage_sender(ctx):
+            send_weights(WeightGroup(rdvs[ctx.pp_rank], 0), state.last_push, version, bucket_bytes)
+        return
+    if ctx.dp_rank != 0:
+        return
+    tensors = [(n, t.detach().clone().cpu()) for n, t in iter_hf_tensors(policy.model, mapping)]
+    if is_stage_sender(ctx):
+        state.last_push = tensors
+        send_weights(WeightGroup(rdvs[ctx.pp_rank], 0), tensors, version, bucket_bytes)
+
+
+def copy_weights(src_chunks, dst_chunks) -> None:
+    with torch.no_grad():
+        for src, dst in zip(src_chunks, dst_chunks):
+            for p_src, p_dst in zip(src.parameters(), dst.parameters()):
+                p_dst.copy_(p_src)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+def train(cfg_dict: dict) -> None:
+    cfg = resolve_model(from_dict(cfg_dict))
+    cfg_dict = to_dict(cfg)
+    ctx = init_distributed(cfg)
+    coordinator = None
+    try:
+        policy = build_policy(cfg, ctx)
+        mapping = HFMapping.from_model_config(get_architecture(cfg.model.preset), cfg.model)
+        load_hf_tensors(policy.model, mapping, hf_tensor_reader(cfg.model.hf_path))
+        policy.optimizer.reload_model_params()
+        # `recompute`: pi_lag is a frozen copy of the weights last pushed (memory: one more model).
+        frozen = build_model(cfg, ctx)[0] if cfg.algo.logp_lag_source == "recompute" else None
+        if frozen is not None:
+            copy_weights(policy.model, frozen)
+        schedule = LagSchedule.from_config(cfg.lag)
+        if ctx.is_coordinator:
+            coordinator = Coordinator(cfg, cfg_dict, schedule)
+        addr_port = broadcast_from_coordinator(
+            (cfg.fleet.weight_sync.master_addr, coordinator.store.port) if coordinator else None)
+        state = SyncState(*addr_port, num_stages=ctx.pp_size)
+        guard = NonFiniteGuard(cfg.optim.max_consecutive_nonfinite)
+        pad_id = 0
+        version = 0
+        progress = _progress(cfg) if coordinator else None
+        for step in range(1, cfg.optim.train_steps + 1):
+            step_start = time.perf_counter()
+            # 1. Rollouts of the current version (re-syncing restarted engines first).
+            while True:
+                message = broadcast_from_coordinator(coordinator.next_message(version) if coordinator else None)
+                if "groups" in message:
+                    break
+                rdvs = state.rendezvous(len(message["resync"]), cfg)
+                if coordinator:
+                    coordinator.request_sync(message["resync"], version, rdvs)
+                push(policy, mapping, ctx, rdvs, version, cfg, state, from_cache=version > 0)
+                if coordinator:
+                    coordinator.finish_sync(message["resync"], version)
+            groups = message["groups"]
+            batch = batch_from_groups(groups, pad_id)
+            # 2. logp_lag: the engine's, or recomputed with the last pushed weights.
+            extra = {}
+            if frozen is not None:
+                engine_logp = batch.logp_lag
+                batch.logp_lag = forward_logprobs(_Frozen(frozen), batch, cfg, ctx)
+                extra[M.LOGP_GAP] = (engine_logp - batch.logp_lag).abs().mean().item()
+            # 3. The OAPL step.
+            result = train_step(policy, batch, cfg, ctx, step)
+            guard.update(result.skipped, step)
+            # 4. Every L steps: new version, pushed to every engine; older groups are dropped.
+            if schedule.sync_after(step):
+                version += 1
+                sync_start = time.perf_counter()
+                engines = sorted(coordinator.fleet.engines) if coordinator else None
+                engines = broadcast_from_coordinator(engines)
+                rdvs = state.rendezvous(len(engines), cfg)
+                if coordinator:
+                    coordinator.request_sync(engines, version, rdvs)
+                push(policy, mapping, ctx, rdvs, version, cfg, state, from_cache=False)
+                if frozen is not None:
+                    copy_weights(policy.model, frozen)
+                if coordinator:
+                    coordinator.finish_sync(engines, version)
+                    extra[M.SYNC_SECONDS] = time.perf_counter() - sync_start
+                    extra[M.SYNC_BYTES] = sum(t.numel() * t.element_size() for _, t in state.last_push or [])
+            if coordinator:
+                _log_step(coordinator, progress, step, version, groups, result, extra,
+                          time.perf_counter() - step_start, guard)
+        if progress:
+            progress.close()
+        _export_final(policy, mapping, ctx, cfg)
+    finally:
+        if coordinator:
+            coordinator.close()
+        destroy_distributed()
+
+
+class _Frozen:
+    """`forward_logprobs` needs only `.model` (the model chunks)."""
+
+    def __init__(self, model_chunks):
+        self.model = model_chunks
+
+
+def _progress(cfg):
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.optim.train_steps, desc="oapl", unit="step", dynamic_ncols=True)
+
+
+def _log_step(coord: Coordinator, progress, step, version, groups, result, extra, seconds, guard) -> None:
+    values = rollout_metrics(groups, version)
+    values.update({M.LOSS_PREFIX + k: v for k, v in result.metrics.items()})
+    coord.busy_seconds += seconds
+    values.update({
+        M.LOSS: result.loss, M.GRAD_NORM: result.grad_norm, M.LR: result.lr, M.SKIPPED_STEPS: guard.total,
+        M.DROPPED_STALE: coord.buffer.dropped_stale, M.ENGINE_RESTARTS: coord.fleet.restarts_total,
+        M.STEP_SECONDS: seconds, M.WAIT_SECONDS: coord.wait_seconds,
+        M.TOKENS_PER_SECOND: result.num_tokens / max(seconds, 1e-9),
+        M.IDLE_FRACTION: coord.wait_seconds / max(coord.busy_seconds, 1e-9),
+        **extra,
+    })
+    if step % coord.cfg.logging.log_every == 0:
+        coord.writer.scalars(values, step)
+    progress.set_postfix(v=version, reward=f"{values[M.REWARD_MEAN]:.2f}", acc=f"{values[M.ACCURACY]:.2f}",
+                         tok_s=f"{values[M.TOKENS_PER_SECOND]:.0f}", refresh=False)
+    progress.update(1)
+
+
+def _export_final(policy, mapping, ctx, cfg) -> None:
+    """The final weights as an HF directory (`run_dir/hf`), written by the coordinator."""
+    tensors = []
+    if ctx.dp_rank == 0:
+        tensors = [(n, t.detach().clone().cpu()) for n, t in iter_hf_tensors(policy.model, mapping)]
+    gathered = [None] * ctx.world_size if ctx.is_coordinator else None
+    dist.gather_object(tensors if is_stage_sender(ctx) else [], gathered, dst=0)
+    if ctx.is_coordinator:
+        merged = [item for part in gathered for item in part]
+        save_hf_model(merged, cfg.model.hf_path, Path(cfg.run_dir) / "hf")
+
+
+def main() -> None:
+    import sys
+
+    from megatron_oapl.config import load_config
+
+    cfg = load_config(sys.argv[1], tuple(sys.argv[2:]))
+    train(to_dict(cfg))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Weight sync on real processes over gloo: TP=2 and PP=2 learners push to a separate engine process,
+which then samples; the learner's log-probs of those samples equal the engine's (fp32, atol 1e-4 per
+sequence). A corrupt bucket is refused and the engine keeps its weights and version."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import pytest
+import torch
+import transformers
+
+from megatron_oapl.weights.bucket import pack_buckets
+from megatron_oapl.weights.sync import stage_rendezvous
+from megatron_oapl.weights.transport import WeightGroup, WeightStoreServer, send_bucket, send_end
+from tests.support.distributed import run_ranks
+from tests.support.oapl_case import REF, run_config
+from tests.support.sync_workers import engine_receive_and_sample, learner_push_then_score
+
+
+def write_hf_model(path, seed: int) -> dict:
+    """A transformers Llama with the reference architecture and its own random weights."""
+    config = transformers.LlamaConfig(
+        vocab_size=REF.vocab_size, hidden_size=REF.hidden_size, intermediate_size=REF.ffn_hidden_size,
+        num_hidden_layers=REF.num_layers, num_attention_heads=REF.num_heads, num_key_value_heads=REF.num_kv_heads,
+        max_position_embeddings=64, rms_norm_eps=REF.eps, rope_theta=REF.rope_theta,
+        tie_word_embeddings=REF.tie_word_embeddings, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def start_engine(model_dir, rdvs, version, out_path) -> mp.Process:
+    proc = mp.get_context("spawn").Process(
+        target=engine_receive_and_sample, args=(str(model_dir), [r.to_dict() for r in rdvs], version, str(out_path))
+    )
+    proc.start()
+    return proc
+
+
+@pytest.mark.parametrize(
+    "layout,bucket_bytes",
+    [("tp2", 1 << 20), ("tp2", 4096), ("pp2", 1 << 20), ("pp2", 4096)],
+    ids=["tp2-1MiB", "tp2-4KiB", "pp2-1MiB", "pp2-4KiB"],
+)
+def test_engine_logprobs_match_learner_after_sync(setup, tmp_path, layout, bucket_bytes):
+    root, _ = setup
+    model_dir = tmp_path / "engine_model"
+    write_hf_model(model_dir, seed=123)  # the engine starts from other weights than the learner's
+    tp, pp = (2, 1) if layout == "tp2" else (1, 2)
+    server = WeightStoreServer()
+    rdvs = stage_rendezvous("127.0.0.1", server.port, epoch=1, num_stages=pp, num_engines=1,
+                            backend="gloo", timeout_s=120)
+    samples = tmp_path / "samples.pt"
+    engine = start_engine(model_dir, rdvs, 1, samples)
+    run_ranks(2, learner_push_then_score, run_config(tp=tp, pp=pp), str(root / "ref.pt"),
+              [r.to_dict() for r in rdvs], 1, bucket_bytes, str(samples), str(tmp_path))
+    engine.join(60)
+    assert engine.exitcode == 0
+    engine_out = torch.load(samples)
+    assert engine_out["error"] is None and engine_out["version"] == 1
+    result = torch.load(tmp_path / "result.pt")
+    if bucket_bytes == 4096:
+        assert result["buckets"] > 3  # small buckets really split the stream
+    torch.testing.assert_close(result["learner"], result["engine"], rtol=0, atol=1e-4)
+    # Non-degenerate sampling: many distinct tokens with non-trivial log-probs.
+    tokens = {t for group in engine_out["samples"] for ids, _ in group for t in ids}
+    assert len(tokens) > 8 and (result["engine"] < -1.0).all()
+
+
+def test_flipped_byte_is_refused_and_old_weights_stay(tmp_path):
+    model_dir = tmp_path / "engine_model"
+    old = write_hf_model(model_dir, seed=1)
+    new = {k: v + 1.0 for k, v in old.items()}
+    server = WeightStoreServer()
+    rdvs = stage_rendezvous("127.0.0.1", server.port, epoch=7, num_stages=1, num_engines=1,
+                            backend="gloo", timeout_s=60)
+    out = tmp_path / "engine.pt"
+    engine = start_engine(model_dir, rdvs, 5, out)
+    group = WeightGroup(rdvs[0], rank=0)
+    buckets = list(pack_buckets(sorted(new.items()), 16 * 1024, version=5))
+    assert len(buckets) > 2
+    for index, (header, flat) in enumerate(buckets):
+        if index == 1:
+            flat = flat.clone()
+            flat[17] ^= 0x10  # one flipped bit in transit, after the checksum was taken
+        send_bucket(group, header, flat)
+    send_end(group, 5, len(buckets))
+    engine.join(60)
+    assert engine.exitcode == 0
+    result = torch.load(out)
+    assert "bucket 1" in result["error"] and "checksum" in result["error"]
+    assert result["version"] == 0
+    for name, tensor in old.items():
+        assert torch.equal(result["state"][name], tensor), name

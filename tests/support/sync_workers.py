@@ -1,0 +1,73 @@
+"""Process bodies of the weight-sync tests: learner ranks that push, an engine process that receives."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from megatron_oapl.rollout.types import SamplingParams
+from megatron_oapl.weights.transport import Rendezvous
+
+PROMPTS = [[3, 7, 11], [5, 2], [9, 9, 9, 1]]
+SAMPLING = SamplingParams(n=4, temperature=0.7, top_p=1.0, max_new_tokens=6, seed=0)
+
+
+def engine_receive_and_sample(model_dir: str, rdvs: list[dict], version: int, out_path: str) -> None:
+    """Join the weight groups, load the push (or record the refusal), then sample and save."""
+    from megatron_oapl.rollout.torch_engine import TorchEngine
+    from megatron_oapl.rollout.weight_receiver import receive_all_stages
+    from megatron_oapl.weights.transport import WeightSyncError
+
+    torch.set_num_threads(1)
+    engine = TorchEngine(model_dir)
+    error = None
+    try:
+        tensors = receive_all_stages([Rendezvous(**r) for r in rdvs], engine_rank=1, version=version)
+        engine.load_weights(tensors, version)
+    except WeightSyncError as err:
+        error = str(err)
+    samples = engine.generate(PROMPTS, SAMPLING)
+    state = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    torch.save({"samples": [[(s.token_ids, s.logprobs) for s in group] for group in samples],
+                "error": error, "version": engine.version, "state": state}, out_path)
+
+
+def learner_push_then_score(cfg_dict: dict, ref_state_path: str, rdvs: list[dict], version: int,
+                            bucket_bytes: int, samples_path: str, out_dir: str) -> None:
+    """Load the reference weights, push them, then score the engine's samples with the learner."""
+    from megatron_oapl.config import from_dict
+    from megatron_oapl.learner.batch import build_batch
+    from megatron_oapl.learner.distributed import destroy_distributed, init_distributed
+    from megatron_oapl.learner.model import build_policy
+    from megatron_oapl.learner.step import forward_logprobs
+    from megatron_oapl.models.hf_mapping import HFMapping
+    from megatron_oapl.models.presets import get_architecture
+    from megatron_oapl.weights.reshard import load_hf_tensors
+    from megatron_oapl.weights.sync import push_weights
+
+    cfg = from_dict(cfg_dict)
+    ctx = init_distributed(cfg)
+    try:
+        policy = build_policy(cfg, ctx)
+        mapping = HFMapping.from_model_config(get_architecture(cfg.model.preset), cfg.model)
+        state = torch.load(ref_state_path)
+        load_hf_tensors(policy.model, mapping, state.__getitem__)
+        stats = push_weights(policy.model, mapping, ctx, Rendezvous(**rdvs[ctx.pp_rank]), version, bucket_bytes)
+        deadline = time.monotonic() + 120
+        while not Path(samples_path).exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the engine never wrote its samples")
+            time.sleep(0.2)
+        time.sleep(0.5)  # let the writer finish
+        engine_out = torch.load(samples_path)
+        groups = engine_out["samples"]
+        batch = build_batch(PROMPTS, [[tok for tok, _ in g] for g in groups], [[0.0] * len(g) for g in groups],
+                            [[lp for _, lp in g] for g in groups])
+        learner_logp = forward_logprobs(policy, batch, cfg, ctx)
+        if ctx.rank == 0:
+            torch.save({"learner": learner_logp, "engine": batch.logp_lag, "buckets": getattr(stats, "buckets", None)},
+                       Path(out_dir) / "result.pt")
+    finally:
+        destroy_distributed()

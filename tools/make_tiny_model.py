@@ -1,0 +1,108 @@
+"""Make the tiny default policy: a sentencepiece tokenizer trained on the task text, a tiny Llama, and a
+short supervised warm start so pass@1 starts clearly above 0 and below 1; written as an HF model
+directory, so the tiny default loads through exactly the path a real HF model takes.
+
+    python tools/make_tiny_model.py --out runs/tiny-model            # ~3-4 min on 2 CPU cores
+    python tools/make_tiny_model.py --out DIR --sft-steps 50         # faster, weaker (tests)
+
+The task, template and answer format come from the run config (default configs/tiny.yaml), so the
+warm start sees the same prompts the RL run will.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_oapl.config import load_config  # noqa: E402
+from megatron_oapl.data.prompts import load_prompts  # noqa: E402
+from megatron_oapl.data.templates import apply_template  # noqa: E402
+from megatron_oapl.data.tokenizer import encode_prompt, train_sentencepiece_tokenizer  # noqa: E402
+
+
+def build_examples(cfg, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids + EOS) for every training prompt."""
+    examples = []
+    for p in load_prompts(cfg.data, "train"):
+        prompt = encode_prompt(tokenizer, apply_template(cfg.data.chat_template, p.text))
+        answer = tokenizer(" " + str(p.answer), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        examples.append((prompt, answer))
+    return examples
+
+
+def supervised_warm_start(model, examples, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
+    """Next-token cross entropy on the answer tokens only (prompt masked), AdamW, cosine decay."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    losses = []
+    model.train()
+    for step in range(steps):
+        picks = torch.randint(len(examples), (batch_size,), generator=gen).tolist()
+        rows = [examples[i] for i in picks]
+        length = max(len(p) + len(a) for p, a in rows)
+        tokens = torch.zeros(batch_size, length, dtype=torch.long)
+        labels = torch.full((batch_size, length), -100, dtype=torch.long)
+        for r, (p, a) in enumerate(rows):
+            seq = p + a
+            tokens[r, : len(seq)] = torch.tensor(seq)
+            labels[r, len(p) : len(seq)] = torch.tensor(a)
+        loss = model(input_ids=tokens, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 100 == 0 or step == steps - 1:
+            print(f"  sft step {step:4d}/{steps}  loss {loss.item():.3f}", flush=True)
+    model.eval()
+    return losses
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="HF model directory to write")
+    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"))
+    parser.add_argument("--sft-steps", type=int, default=900)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--vocab-size", type=int, default=64)
+    args = parser.parse_args()
+
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = load_config(args.config)
+    out = Path(args.out)
+    start = time.time()
+    prompts = load_prompts(cfg.data, "train")
+    texts = [apply_template(cfg.data.chat_template, p.text) + " " + str(p.answer) for p in prompts]
+    tokenizer = train_sentencepiece_tokenizer(texts, out, vocab_size=args.vocab_size)
+    m = cfg.model
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups or m.num_attention_heads, max_position_embeddings=m.max_seq_length,
+        rms_norm_eps=m.norm_epsilon, rope_theta=m.rotary_base, tie_word_embeddings=m.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        initializer_range=m.init_method_std,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    print(f"tiny Llama: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
+    examples = build_examples(cfg, tokenizer)
+    supervised_warm_start(model, examples, args.sft_steps, args.batch_size, args.lr, cfg.seed)
+    model.generation_config.do_sample = True
+    model.save_pretrained(out)
+    print(f"wrote {out} in {time.time() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
