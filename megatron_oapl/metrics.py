@@ -27,7 +27,8 @@ REWARD_TIMEOUTS = "rollout/reward_timeouts_total"
 
 # Lag schedule and versions.
 POLICY_VERSION = "lag/policy_version"
-GROUP_LAG = "lag/consumed_group_lag_mean"  # current version - group version, over consumed groups
+GROUP_LAG = "lag/consumed_group_lag_mean"  # version at consumption - group version, over consumed groups
+GROUP_LAG_MAX = "lag/consumed_group_lag_max"
 DROPPED_STALE = "lag/dropped_stale_total"
 LOGP_GAP = "lag/engine_learner_logp_gap"  # mean |logp_engine - logp_learner| per sequence (recompute)
 
@@ -35,6 +36,7 @@ LOGP_GAP = "lag/engine_learner_logp_gap"  # mean |logp_engine - logp_learner| pe
 SYNC_SECONDS = "sync/seconds"
 SYNC_BYTES = "sync/bytes"
 ENGINE_RESTARTS = "fleet/engine_restarts_total"
+ENGINE_RESYNCS = "fleet/engine_resyncs_total"  # restarted engines brought to the current version
 
 # Throughput and timers.
 STEP_SECONDS = "time/step_seconds"

@@ -57,7 +57,7 @@ class Coordinator:
         self.buffer = VersionedBuffer(schedule)
         self.writer = M.MetricsWriter(Path(cfg.run_dir) / "tensorboard", cfg.logging.tensorboard)
         self.wait_seconds = self.busy_seconds = 0.0
-        self.consumed_versions: list[int] = []
+        self.resyncs = 0
         self.fleet.wait_ready(list(self.fleet.engines), timeout_s=cfg.fleet.weight_sync.timeout_s)
 
     def next_message(self, version: int) -> dict:
@@ -70,12 +70,12 @@ class Coordinator:
                     self.fleet.wait_ready(restarted, self.cfg.fleet.weight_sync.timeout_s)
                 stale = [i for i, h in self.fleet.engines.items() if 0 <= h.version != version]
                 if stale:
+                    self.resyncs += len(stale)
                     return {"resync": stale}
                 for group in self.fleet.poll_groups(100):
                     self.buffer.add(group)
                 groups = self.buffer.take(self.cfg.fleet.prompts_per_step)
                 if groups is not None:
-                    self.consumed_versions.extend(g.policy_version for g in groups)
                     return {"groups": groups}
         finally:
             self.wait_seconds += time.perf_counter() - start
@@ -107,6 +107,7 @@ def rollout_metrics(groups, version: int) -> dict[str, float]:
         M.SEQUENCE_ENTROPY: -sum(sum(s.logprobs) for s in samples) / len(samples),
         M.POLICY_VERSION: version,
         M.GROUP_LAG: sum(version - g.policy_version for g in groups) / len(groups),
+        M.GROUP_LAG_MAX: max(version - g.policy_version for g in groups),
     }
 
 
@@ -150,17 +151,19 @@ class SyncState:
 
 def push(policy, mapping, ctx, rdvs, version, cfg, state: SyncState, from_cache: bool) -> None:
     """Every stage's sender streams its tensors (the fresh weights, or the cached last push)."""
-    bucket_bytes = int(cfg.fleet.weight_sync.bucket_mb * 2**20)
-    if from_cache:
+    if not from_cache and ctx.dp_rank == 0:
+        tensors = [(n, t.detach().clone().cpu()) for n, t in iter_hf_tensors(policy.model, mapping)]
         if is_stage_sender(ctx):
-            send_weights(WeightGroup(rdvs[ctx.pp_rank], 0), state.last_push, version, bucket_bytes)
+            state.last_push = tensors
+    if not is_stage_sender(ctx):
         return
-    if ctx.dp_rank != 0:
-        return
-    tensors = [(n, t.detach().clone().cpu()) for n, t in iter_hf_tensors(policy.model, mapping)]
-    if is_stage_sender(ctx):
-        state.last_push = tensors
-        send_weights(WeightGroup(rdvs[ctx.pp_rank], 0), tensors, version, bucket_bytes)
+    try:
+        send_weights(WeightGroup(rdvs[ctx.pp_rank], 0), state.last_push, version,
+                     int(cfg.fleet.weight_sync.bucket_mb * 2**20))
+    except RuntimeError as err:
+        # An engine died inside the collective. Its peers refuse the partial push; the coordinator
+        # restarts the dead engine and re-syncs every engine that did not confirm this version.
+        log.warning("weight push of version %d (stage %d) failed: %s", version, ctx.pp_rank, err)
 
 
 def copy_weights(src_chunks, dst_chunks) -> None:
@@ -212,7 +215,7 @@ def train(cfg_dict: dict) -> None:
                 push(policy, mapping, ctx, rdvs, version, cfg, state, from_cache=version > 0)
                 if coordinator:
                     coordinator.finish_sync(message["resync"], version)
-            groups = message["groups"]
+            groups, consumed_version = message["groups"], version
             batch = batch_from_groups(groups, pad_id)
             # 2. logp_lag: the engine's, or recomputed with the last pushed weights.
             extra = {}
@@ -223,11 +226,15 @@ def train(cfg_dict: dict) -> None:
             # 3. The OAPL step.
             result = train_step(policy, batch, cfg, ctx, step)
             guard.update(result.skipped, step)
+            if frozen is None and (step - 1) % schedule.sync_every == 0 and "abs_log_ratio_mean" in result.metrics:
+                # First step of a round: pi_theta still equals the pushed weights, so the log-ratio
+                # against the engine's log-probs is exactly the engine-learner gap.
+                extra[M.LOGP_GAP] = result.metrics["abs_log_ratio_mean"]
             # 4. Every L steps: new version, pushed to every engine; older groups are dropped.
             if schedule.sync_after(step):
                 version += 1
                 sync_start = time.perf_counter()
-                engines = sorted(coordinator.fleet.engines) if coordinator else None
+                engines = coordinator.fleet.ready_engines() if coordinator else None
                 engines = broadcast_from_coordinator(engines)
                 rdvs = state.rendezvous(len(engines), cfg)
                 if coordinator:
@@ -240,7 +247,7 @@ def train(cfg_dict: dict) -> None:
                     extra[M.SYNC_SECONDS] = time.perf_counter() - sync_start
                     extra[M.SYNC_BYTES] = sum(t.numel() * t.element_size() for _, t in state.last_push or [])
             if coordinator:
-                _log_step(coordinator, progress, step, version, groups, result, extra,
+                _log_step(coordinator, progress, step, consumed_version, groups, result, extra,
                           time.perf_counter() - step_start, guard)
         if progress:
             progress.close()
@@ -271,6 +278,7 @@ def _log_step(coord: Coordinator, progress, step, version, groups, result, extra
     values.update({
         M.LOSS: result.loss, M.GRAD_NORM: result.grad_norm, M.LR: result.lr, M.SKIPPED_STEPS: guard.total,
         M.DROPPED_STALE: coord.buffer.dropped_stale, M.ENGINE_RESTARTS: coord.fleet.restarts_total,
+        M.ENGINE_RESYNCS: coord.resyncs,
         M.STEP_SECONDS: seconds, M.WAIT_SECONDS: coord.wait_seconds,
         M.TOKENS_PER_SECOND: result.num_tokens / max(seconds, 1e-9),
         M.IDLE_FRACTION: coord.wait_seconds / max(coord.busy_seconds, 1e-9),

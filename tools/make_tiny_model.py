@@ -73,13 +73,14 @@ def main() -> int:
     parser.add_argument("--sft-steps", type=int, default=900)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--vocab-size", type=int, default=64)
+    parser.add_argument("--vocab-size", type=int, default=128)
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.num_train_prompts=500")
     args = parser.parse_args()
 
     import transformers
 
     torch.manual_seed(0)
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, tuple(args.overrides))
     out = Path(args.out)
     start = time.time()
     prompts = load_prompts(cfg.data, "train")

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import pickle
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import zmq
 
@@ -73,6 +75,10 @@ def engine_main(engine_id: int, generation: int, cfg_dict: dict, model_dir: str,
 
     torch.set_num_threads(1)
     cfg = from_dict(cfg_dict, check_hardware=False)
+    # The pid file lets operators (and tests) find this engine among the run's processes.
+    pid_file = Path(cfg.run_dir) / "engines" / f"engine-{engine_id}.pid"
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(str(os.getpid()))
     engine = build_engine(cfg, model_dir, engine_id)
     tokenizer = load_tokenizer(model_dir)
     source = PromptSource(cfg, tokenizer, engine_id, cfg.fleet.num_engines, generation)
@@ -101,11 +107,13 @@ def engine_main(engine_id: int, generation: int, cfg_dict: dict, model_dir: str,
                 reply = {"type": "synced", "engine": engine_id, "version": msg["version"], "error": None}
                 try:
                     start = time.perf_counter()
-                    tensors = receive_all_stages(rdvs, msg["rank"], msg["version"])
-                    engine.load_weights(tensors, msg["version"])
+                    if hasattr(engine, "sync_from"):  # vLLM: its workers join the weight groups themselves
+                        engine.sync_from(msg["rendezvous"], msg["rank"], msg["version"])
+                    else:
+                        engine.load_weights(receive_all_stages(rdvs, msg["rank"], msg["version"]), msg["version"])
                     reply["seconds"] = time.perf_counter() - start
-                except WeightSyncError as err:  # keep the previous weights and say so
-                    reply["error"] = str(err)
+                except (WeightSyncError, RuntimeError) as err:  # keep the previous weights and say so
+                    reply["error"] = f"{type(err).__name__}: {err}"
                 control.send_pyobj(reply)
         return True
 
@@ -214,14 +222,22 @@ class Fleet:
                     raise RuntimeError(f"engine {i} exited during start-up (exit code {self.engines[i].process.exitcode})")
             self._read_control(200)
 
+    def ready_engines(self) -> list[int]:
+        """Engines alive and past start-up: the members of the next weight group (a restarted engine
+        that is still starting joins through a re-sync instead)."""
+        self._read_control(0)
+        return sorted(i for i, h in self.engines.items() if h.process.is_alive() and h.version >= 0)
+
     def request_sync(self, engine_ids: list[int], version: int, rendezvous: list[dict]) -> None:
         """Tell engines to join the weight groups (engine k of the list is group rank k + 1)."""
         for rank, engine_id in enumerate(engine_ids, start=1):
             self._send(engine_id, {"type": "sync", "version": version, "rendezvous": rendezvous, "rank": rank})
 
     def wait_synced(self, engine_ids: list[int], version: int, timeout_s: float) -> dict[int, dict]:
+        """Replies of the engines that confirmed (or refused) `version`; an engine that died meanwhile is
+        left out (it is restarted and re-synced before any of its groups can be admitted)."""
         deadline, replies = time.monotonic() + timeout_s, {}
-        while len(replies) < len(engine_ids):
+        while len(replies) < len([i for i in engine_ids if self.engines[i].process.is_alive()]):
             self._read_control(100)
             for msg in list(self.pending_replies):
                 if msg["version"] == version and msg["engine"] in engine_ids:

