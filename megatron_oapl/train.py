@@ -31,7 +31,6 @@ from megatron_oapl.learner.model import build_model, build_policy
 from megatron_oapl.learner.step import NonFiniteGuard, forward_logprobs, train_step
 from megatron_oapl.models.hf_config import resolve_model
 from megatron_oapl.models.hf_mapping import HFMapping
-from megatron_oapl.models.presets import get_architecture
 from megatron_oapl.schedule import LagSchedule, VersionedBuffer
 from megatron_oapl.weights.hf_io import hf_tensor_reader, save_hf_model
 from megatron_oapl.weights.reshard import iter_hf_tensors, load_hf_tensors
@@ -185,7 +184,7 @@ def train(cfg_dict: dict) -> None:
     coordinator = None
     try:
         policy = build_policy(cfg, ctx)
-        mapping = HFMapping.from_model_config(get_architecture(cfg.model.preset), cfg.model)
+        mapping = HFMapping.for_config(cfg.model)
         load_hf_tensors(policy.model, mapping, hf_tensor_reader(cfg.model.hf_path))
         policy.optimizer.reload_model_params()
         # `recompute`: pi_lag is a frozen copy of the weights last pushed (memory: one more model).

@@ -2,7 +2,7 @@
 short supervised warm start so pass@1 starts clearly above 0 and below 1; written as an HF model
 directory, so the tiny default loads through exactly the path a real HF model takes.
 
-    python tools/make_tiny_model.py --out runs/tiny-model            # ~3-4 min on 2 CPU cores
+    python tools/make_tiny_model.py --out runs/tiny-model            # ~2 min on 2 CPU cores
     python tools/make_tiny_model.py --out DIR --sft-steps 50         # faster, weaker (tests)
 
 The task, template and answer format come from the run config (default configs/tiny.yaml), so the
@@ -70,9 +70,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="HF model directory to write")
     parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"))
-    parser.add_argument("--sft-steps", type=int, default=900)
+    parser.add_argument("--sft-steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--vocab-size", type=int, default=128)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.num_train_prompts=500")
     args = parser.parse_args()

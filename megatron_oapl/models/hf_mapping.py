@@ -85,6 +85,13 @@ class HFMapping:
             tie_word_embeddings=model_cfg.tie_word_embeddings,
         )
 
+    @classmethod
+    def for_config(cls, model_cfg) -> "HFMapping":
+        """The mapping of the run config's model section (its preset picks the architecture)."""
+        from megatron_oapl.models.presets import get_architecture
+
+        return cls.from_model_config(get_architecture(model_cfg.preset), model_cfg)
+
     # ---- names ----------------------------------------------------------------------------------
 
     def rule(self, mcore_name: str, layer_offset: int = 0) -> tuple[str, list[str]] | None:

@@ -10,6 +10,17 @@ import torch
 from megatron_oapl.rollout.types import Sample, SamplingParams
 
 
+def check_request(prompts: list[list[int]], params: SamplingParams) -> None:
+    """The checks every engine applies to a generate call (same errors whichever engine runs)."""
+    if params.n < 1:
+        raise ValueError(f"SamplingParams.n must be >= 1, got {params.n}")
+    if params.max_new_tokens < 1:
+        raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {params.max_new_tokens}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: an engine needs at least one token to condition on")
+
+
 class Engine(abc.ABC):
     """An inference engine holding one policy version.
 

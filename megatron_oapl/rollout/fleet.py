@@ -73,6 +73,9 @@ def engine_main(engine_id: int, generation: int, cfg_dict: dict, model_dir: str,
     from megatron_oapl.rollout.weight_receiver import receive_all_stages
     from megatron_oapl.weights.transport import Rendezvous, WeightSyncError
 
+    from megatron_oapl.launcher import die_with_parent
+
+    die_with_parent()
     torch.set_num_threads(1)
     cfg = from_dict(cfg_dict, check_hardware=False)
     # The pid file lets operators (and tests) find this engine among the run's processes.

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import torch
 
-from megatron_oapl.rollout.engine import Engine
+from megatron_oapl.rollout.engine import Engine, check_request
 from megatron_oapl.rollout.sampling import sample_with_logprobs
 from megatron_oapl.rollout.types import Sample, SamplingParams
 
@@ -115,13 +115,7 @@ class TorchEngine(Engine):
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
-        if params.n < 1:
-            raise ValueError(f"SamplingParams.n must be >= 1, got {params.n}")
-        if params.max_new_tokens < 1:
-            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {params.max_new_tokens}")
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty: an engine needs at least one token to condition on")
+        check_request(prompts, params)
         seed = params.seed if params.seed is not None else self.seed + self._calls
         self._calls += 1
         if not prompts:

@@ -55,7 +55,7 @@ from typing import Any, Iterable
 
 import torch
 
-from megatron_oapl.rollout.engine import Engine
+from megatron_oapl.rollout.engine import Engine, check_request
 from megatron_oapl.rollout.types import Sample, SamplingParams
 from megatron_oapl.rollout.vllm_extension import EXTENSION_QUALNAME
 from megatron_oapl.weights.transport import Rendezvous, WeightSyncError
@@ -157,13 +157,7 @@ class VLLMEngine(Engine):
     # --------------------------------------------------------------------------------------------- generate
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
-        if params.n < 1:
-            raise ValueError(f"SamplingParams.n must be >= 1, got {params.n}")
-        if params.max_new_tokens < 1:
-            raise ValueError(f"SamplingParams.max_new_tokens must be >= 1, got {params.max_new_tokens}")
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty: an engine needs at least one token to condition on")
+        check_request(prompts, params)
         if not prompts:
             return []
         from vllm import SamplingParams as VLLMSamplingParams

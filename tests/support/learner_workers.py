@@ -12,7 +12,6 @@ from megatron_oapl.learner.distributed import destroy_distributed, init_distribu
 from megatron_oapl.learner.model import build_policy
 from megatron_oapl.learner.step import forward_logprobs, train_step
 from megatron_oapl.models.hf_mapping import HFMapping
-from megatron_oapl.models.presets import get_architecture
 from megatron_oapl.weights.reshard import iter_hf_tensors, load_hf_tensors
 
 
@@ -24,17 +23,23 @@ def batch_from_dict(d: dict) -> TrainBatch:
     return TrainBatch(**d)
 
 
+def reference_policy(cfg_dict: dict, ref_state_path: str):
+    """Join the learner world and build the policy with the reference weights: (cfg, ctx, policy, mapping).
+    The caller must `destroy_distributed()`."""
+    cfg = from_dict(cfg_dict)
+    ctx = init_distributed(cfg)
+    policy = build_policy(cfg, ctx)
+    mapping = HFMapping.for_config(cfg.model)
+    load_hf_tensors(policy.model, mapping, torch.load(ref_state_path).__getitem__)
+    policy.optimizer.reload_model_params()
+    return cfg, ctx, policy, mapping
+
+
 def oapl_steps(cfg_dict: dict, ref_state_path: str, batch_path: str, out_dir: str, steps: int) -> None:
     """Load the reference weights, take `steps` learner steps on one batch, and save (from one rank
     per pipeline stage) the losses, first-step gradients and final weights in HF names."""
-    cfg = from_dict(cfg_dict)
-    ctx = init_distributed(cfg)
+    cfg, ctx, policy, mapping = reference_policy(cfg_dict, ref_state_path)
     try:
-        policy = build_policy(cfg, ctx)
-        mapping = HFMapping.from_model_config(get_architecture(cfg.model.preset), cfg.model)
-        state = torch.load(ref_state_path)
-        load_hf_tensors(policy.model, mapping, state.__getitem__)
-        policy.optimizer.reload_model_params()
         batch = batch_from_dict(torch.load(batch_path))
         results, grads = [], {}
         logp_before = forward_logprobs(policy, batch, cfg, ctx)
@@ -72,7 +77,7 @@ def nonfinite_steps(cfg_dict: dict, batch_path: str, out_dir: str) -> None:
     ctx = init_distributed(cfg)
     try:
         policy = build_policy(cfg, ctx)
-        mapping = HFMapping.from_model_config(get_architecture(cfg.model.preset), cfg.model)
+        mapping = HFMapping.for_config(cfg.model)
         good = batch_from_dict(torch.load(batch_path))
         bad = batch_from_dict({**torch.load(batch_path)})
         bad.rewards = bad.rewards.clone()

@@ -37,23 +37,14 @@ def engine_receive_and_sample(model_dir: str, rdvs: list[dict], version: int, ou
 def learner_push_then_score(cfg_dict: dict, ref_state_path: str, rdvs: list[dict], version: int,
                             bucket_bytes: int, samples_path: str, out_dir: str) -> None:
     """Load the reference weights, push them, then score the engine's samples with the learner."""
-    from megatron_oapl.config import from_dict
     from megatron_oapl.learner.batch import build_batch
-    from megatron_oapl.learner.distributed import destroy_distributed, init_distributed
-    from megatron_oapl.learner.model import build_policy
+    from megatron_oapl.learner.distributed import destroy_distributed
     from megatron_oapl.learner.step import forward_logprobs
-    from megatron_oapl.models.hf_mapping import HFMapping
-    from megatron_oapl.models.presets import get_architecture
-    from megatron_oapl.weights.reshard import load_hf_tensors
     from megatron_oapl.weights.sync import push_weights
+    from tests.support.learner_workers import reference_policy
 
-    cfg = from_dict(cfg_dict)
-    ctx = init_distributed(cfg)
+    cfg, ctx, policy, mapping = reference_policy(cfg_dict, ref_state_path)
     try:
-        policy = build_policy(cfg, ctx)
-        mapping = HFMapping.from_model_config(get_architecture(cfg.model.preset), cfg.model)
-        state = torch.load(ref_state_path)
-        load_hf_tensors(policy.model, mapping, state.__getitem__)
         stats = push_weights(policy.model, mapping, ctx, Rendezvous(**rdvs[ctx.pp_rank]), version, bucket_bytes)
         deadline = time.monotonic() + 120
         while not Path(samples_path).exists():

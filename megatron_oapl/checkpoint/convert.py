@@ -1,0 +1,453 @@
+"""Megatron checkpoint <-> Hugging Face model directory, for Llama / Qwen2 / Qwen3.
+
+    oapl convert megatron-to-hf --ckpt runs/tiny --out runs/tiny-hf [--dtype bf16|fp16|fp32]
+    oapl convert hf-to-megatron --hf Qwen3-0.6B/ --out ckpt/qwen3-tp2 --tp 2 --pp 1 [--config recipe.yaml]
+
+(also `python -m megatron_oapl.checkpoint.convert ...`). Both directions go through the project's one
+name/layout map (`models.hf_mapping`) and the live-model resharding code (`weights.reshard`).
+
+megatron-to-hf: `--ckpt` is a checkpoint directory, a `checkpoints/` root or a run directory (its
+`latest`). The checkpoint is verified against its manifest, then loaded on one spawned rank with TP=PP=1
+(Megatron's sharded checkpoint reshards on load, whatever TP x PP x DP saved it); the model is built
+from the `config.yaml` stored in the checkpoint. Output: `config.json` (a LlamaConfig / Qwen2Config /
+Qwen3Config made by transformers from the preset and the model fields, with `dtype`), `model.safetensors`
+(or 2 GB shards + `model.safetensors.index.json`), `generation_config.json`, and the tokenizer files of
+`model.hf_path` when that directory exists. FP8-trained models are exported dequantised (Transformer
+Engine FP8 parameters go through `is_float8tensor` -> `dequantize_fp8_tensor`; the model is rebuilt
+without FP8 for the export, so what is written is the high-precision weight). That path needs a GPU
+with Transformer Engine and is not exercised on CPU. The exported weights are the model parameters
+(bf16 when trained in bf16), not the optimizer's fp32 master copies.
+
+hf-to-megatron: the architecture comes from the HF `config.json` (`models.hf_config`); the rest of the
+run config (precision, optimizer, ...) from `--config` when given. `tp * pp` ranks are spawned; each
+cuts its shards out of the HF tensors and the model is saved as one run checkpoint (step 0, model only,
+with `config.yaml` and a manifest) at `--out`. Train from it with `checkpoint.load=OUT` (the optimizer
+starts fresh), or export it back with megatron-to-hf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+MAX_SHARD_BYTES = 2 * 1024**3
+# Tokenizer files copied from model.hf_path (config.json and generation_config.json are written anew).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+_SINGLE = "model.safetensors"
+_INDEX = "model.safetensors.index.json"
+
+
+class ConversionError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------------
+
+# Parallel settings of a conversion world (every other section of the run config is kept).
+def _conversion_overrides(tp: int, pp: int) -> list[str]:
+    return [
+        f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}",
+        "parallel.data_parallel_size=null", "parallel.micro_batch_groups=null",
+        "parallel.sequence_parallel=false", "parallel.use_distributed_optimizer=false",
+    ]
+
+
+def export_config(ckpt_dir: str | Path):
+    """The run config stored in checkpoint `ckpt_dir`, with a one-rank TP=PP=1 layout and no FP8 (the
+    export model only holds weights; FP8 parameters are loaded dequantised)."""
+    from megatron_oapl.config import load_config
+
+    path = Path(ckpt_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConversionError(f"checkpoint {ckpt_dir} has no config.yaml: it was not written by "
+                              "megatron_oapl's CheckpointManager (the run config is needed to build the model)")
+    overrides = _conversion_overrides(1, 1) + ["precision.fp8.enabled=false", "precision.fp8.fp8_param=false",
+                                               "precision.fp8.first_last_layers_bf16=false"]
+    return load_config(path, overrides, check_hardware=False)
+
+
+def import_config(hf_dir: str | Path, tp: int, pp: int, config_path: str | Path | None = None):
+    """A run config whose model section is read from `hf_dir/config.json` (the rest from
+    `config_path` or the defaults), with TP x PP and DP = 1."""
+    from megatron_oapl.config import load_config
+    from megatron_oapl.models.hf_config import resolve_model
+
+    overrides = _conversion_overrides(tp, pp) + [f"model.hf_path={Path(hf_dir).resolve()}"]
+    cfg = resolve_model(load_config(config_path, overrides, check_hardware=False))
+    hf = json.loads((Path(hf_dir) / "config.json").read_text())
+    # Keep the model's RoPE table as long as the HF model's (the default max_seq_length is tiny).
+    if config_path is None and hf.get("max_position_embeddings"):
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_seq_length=int(hf["max_position_embeddings"])))
+    from megatron_oapl.config import validate
+
+    validate(cfg, check_hardware=False)
+    return cfg
+
+
+def _build_cfg(cfg):
+    """The config the conversion model is built from: FP8 off (weights only; see the module doc)."""
+    fp8 = dataclasses.replace(cfg.precision.fp8, enabled=False, fp8_param=False, first_last_layers_bf16=False)
+    return dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, fp8=fp8))
+
+
+def hf_config(model_cfg, dtype: torch.dtype, source_dir: str | Path | None = None):
+    """A transformers config (LlamaConfig / Qwen2Config / Qwen3Config) for `model_cfg`.
+
+    Token ids (bos/eos/pad) and a longer `max_position_embeddings` come from `source_dir/config.json`
+    (the model the run started from) when it exists."""
+    import transformers
+
+    from megatron_oapl.models.presets import get_architecture
+
+    arch = get_architecture(model_cfg.preset)
+    classes = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
+    heads = model_cfg.num_attention_heads
+    source = {}
+    if source_dir and (Path(source_dir) / "config.json").is_file():
+        source = json.loads((Path(source_dir) / "config.json").read_text())
+    kwargs = dict(
+        vocab_size=model_cfg.vocab_size,
+        hidden_size=model_cfg.hidden_size,
+        intermediate_size=model_cfg.ffn_hidden_size,
+        num_hidden_layers=model_cfg.num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=model_cfg.num_query_groups or heads,
+        head_dim=model_cfg.kv_channels or model_cfg.hidden_size // heads,
+        max_position_embeddings=max(model_cfg.max_seq_length, int(source.get("max_position_embeddings") or 0)),
+        rms_norm_eps=model_cfg.norm_epsilon,
+        rope_theta=float(model_cfg.rotary_base),
+        tie_word_embeddings=model_cfg.tie_word_embeddings,
+        hidden_act="silu",
+        initializer_range=model_cfg.init_method_std,
+        architectures=[arch.hf_architecture],
+    )
+    if arch.name in ("llama", "qwen3"):
+        kwargs["attention_bias"] = False  # Qwen2's q/k/v biases are implied by its model type
+    if arch.name == "llama":
+        kwargs["mlp_bias"] = False
+    if arch.name in ("qwen2", "qwen3"):
+        kwargs["use_sliding_window"] = False
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if source.get(key) is not None:
+            kwargs[key] = source[key]
+    # transformers >= 5 names the field `dtype`; 4.x `torch_dtype`.
+    major = int(transformers.__version__.split(".")[0])
+    kwargs["dtype" if major >= 5 else "torch_dtype"] = _HF_DTYPE_NAMES[dtype]
+    return classes[arch.name](**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing an HF directory
+# --------------------------------------------------------------------------------------------------
+
+
+def dequantized(named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """FP8 parameters (Transformer Engine Float8Tensor) as high-precision tensors; others unchanged."""
+    try:
+        from megatron.core.fp8_utils import dequantize_fp8_tensor, is_float8tensor
+    except ImportError:  # pragma: no cover - older megatron-core
+        yield from named
+        return
+    for name, tensor in named:
+        yield name, (dequantize_fp8_tensor(tensor) if is_float8tensor(tensor) else tensor)
+
+
+def write_safetensors(named: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, dtype: torch.dtype,
+                      max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """Stream tensors into `model.safetensors`, or into shards of at most `max_shard_bytes` plus
+    `model.safetensors.index.json` when they do not fit one file. Holds one shard in memory."""
+    from safetensors.torch import save_file
+
+    from megatron_oapl.weights.hf_io import save_hf_model
+
+    out = Path(out_dir)
+    shard: list[tuple[str, torch.Tensor]] = []
+    shard_bytes = 0
+    written: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
+    total = 0
+
+    def flush():
+        nonlocal shard, shard_bytes
+        tmp_name = f".shard-{len(written):05d}.safetensors"
+        save_file(dict(shard), str(out / tmp_name), metadata={"format": "pt"})
+        written.append((tmp_name, [n for n, _ in shard]))
+        shard, shard_bytes = [], 0
+
+    for name, tensor in named:
+        tensor = tensor.detach().to(dtype).contiguous().cpu()
+        size = tensor.numel() * tensor.element_size()
+        if shard and shard_bytes + size > max_shard_bytes:
+            flush()
+        shard.append((name, tensor))
+        shard_bytes += size
+        total += size
+    if not written:  # everything fits one file: the common writer
+        save_hf_model(shard, out, out, dtype)
+        return [_SINGLE]
+    flush()
+    count = len(written)
+    weight_map, names = {}, []
+    for i, (tmp_name, tensor_names) in enumerate(written):
+        final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+        os.replace(out / tmp_name, out / final)
+        names.append(final)
+        weight_map.update({n: final for n in tensor_names})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / _INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def write_hf_side_files(out_dir: Path, config, source_dir: str | Path | None) -> None:
+    """config.json, generation_config.json and the tokenizer files of `source_dir` (if any)."""
+    import transformers
+
+    config.save_pretrained(str(out_dir))
+    source = Path(source_dir) if source_dir else None
+    if source is not None and (source / "generation_config.json").is_file():
+        shutil.copy2(source / "generation_config.json", out_dir / "generation_config.json")
+    else:
+        transformers.GenerationConfig.from_model_config(config).save_pretrained(str(out_dir))
+    if source is not None and source.is_dir():
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, out_dir / name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rank-side work (inside an initialised learner world)
+# --------------------------------------------------------------------------------------------------
+
+
+def _weights_model(cfg, ctx):
+    """This rank's stage of the model as a bare GPTModel, without random initialisation (every weight
+    is overwritten by the conversion)."""
+    from megatron_oapl.models.megatron_model import build_gpt_model, build_transformer_config
+
+    tconfig = build_transformer_config(_build_cfg(cfg))
+    tconfig.perform_initialization = False
+    module = build_gpt_model(_build_cfg(cfg), tconfig, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage)
+    return [module.to(ctx.device)], tconfig
+
+
+def export_hf_rank(cfg, ctx, ckpt_dir: str | Path, out_dir: str | Path, dtype: torch.dtype,
+                   max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Load checkpoint `ckpt_dir` into a TP=PP=1 model on this (single-rank) world and write the HF
+    directory `out_dir`. `cfg` is `export_config(ckpt_dir)`."""
+    from megatron_oapl.checkpoint.run_checkpoint import load_model_weights
+    from megatron_oapl.models.hf_mapping import HFMapping
+    from megatron_oapl.models.presets import get_architecture
+    from megatron_oapl.weights.reshard import iter_hf_tensors
+
+    if ctx.world_size != 1:
+        raise ConversionError(f"megatron-to-hf runs on one rank (TP=PP=1), got a world of {ctx.world_size}")
+    model, _ = _weights_model(cfg, ctx)
+    load_model_weights(model, ckpt_dir)
+    mapping = HFMapping.from_model_config(get_architecture(cfg.model.preset), cfg.model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        write_safetensors(dequantized(iter_hf_tensors(model, mapping)), out, dtype, max_shard_bytes)
+    write_hf_side_files(out, hf_config(cfg.model, dtype, cfg.model.hf_path), cfg.model.hf_path)
+    return out
+
+
+def import_hf_rank(cfg, ctx, hf_dir: str | Path, out_dir: str | Path) -> list:
+    """Every rank loads its shard of `hf_dir`'s weights; together they save checkpoint `out_dir` (step 0,
+    model only). Returns this rank's model chunks. `cfg` is `import_config(hf_dir, tp, pp, ...)`."""
+    from megatron_oapl.checkpoint.run_checkpoint import save_checkpoint
+    from megatron_oapl.learner.model import Policy
+    from megatron_oapl.models.hf_mapping import HFMapping
+    from megatron_oapl.models.presets import get_architecture
+    from megatron_oapl.weights.hf_io import hf_tensor_reader
+    from megatron_oapl.weights.reshard import load_hf_tensors
+
+    model, tconfig = _weights_model(cfg, ctx)
+    mapping = HFMapping.from_model_config(get_architecture(cfg.model.preset), cfg.model)
+    load_hf_tensors(model, mapping, hf_tensor_reader(hf_dir))
+    policy = Policy(model=model, optimizer=None, scheduler=None, config=tconfig)
+    save_checkpoint(Path(out_dir), 0, policy, ctx, {"step": 0, "source": "hf", "hf_path": str(Path(hf_dir).resolve())},
+                    config=cfg)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Process entry points (spawned ranks)
+# --------------------------------------------------------------------------------------------------
+
+
+def _rank_entry(rank: int, world_size: int, port: int, fn, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    fn(*args)
+
+
+def spawn_ranks(world_size: int, fn, *args) -> None:
+    """Run `fn(*args)` on `world_size` fresh gloo/NCCL ranks on this machine (torchrun-style env)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_entry, args=(world_size, port, fn, args), nprocs=world_size, join=True)
+
+
+def _export_entry(cfg_dict: dict, ckpt_dir: str, out_dir: str, dtype_name: str) -> None:
+    from megatron_oapl.config import from_dict
+    from megatron_oapl.learner.distributed import destroy_distributed, init_distributed
+
+    cfg = from_dict(cfg_dict, check_hardware=False)
+    ctx = init_distributed(cfg)
+    try:
+        export_hf_rank(cfg, ctx, ckpt_dir, out_dir, DTYPES[dtype_name])
+    finally:
+        destroy_distributed()
+
+
+def _import_entry(cfg_dict: dict, hf_dir: str, out_dir: str) -> None:
+    from megatron_oapl.config import from_dict
+    from megatron_oapl.learner.distributed import destroy_distributed, init_distributed
+
+    cfg = from_dict(cfg_dict, check_hardware=False)
+    ctx = init_distributed(cfg)
+    try:
+        import_hf_rank(cfg, ctx, hf_dir, out_dir)
+    finally:
+        destroy_distributed()
+
+
+def megatron_to_hf(ckpt: str | Path, out: str | Path, dtype: str | None = None) -> Path:
+    """Export a Megatron run checkpoint as an HF model directory (spawns one rank). `dtype`: bf16 |
+    fp16 | fp32; None = the run's `precision.params_dtype`."""
+    from megatron_oapl.checkpoint.run_checkpoint import resolve_checkpoint, verify_checkpoint
+    from megatron_oapl.config import to_dict
+
+    ckpt_dir = resolve_checkpoint(ckpt)
+    problem = verify_checkpoint(ckpt_dir)
+    if problem:
+        raise ConversionError(f"checkpoint {ckpt_dir} refused: {problem}")
+    cfg = export_config(ckpt_dir)
+    dtype = dtype or cfg.precision.params_dtype
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype={dtype!r} must be one of: {', '.join(DTYPES)}")
+    spawn_ranks(1, _export_entry, to_dict(cfg), str(ckpt_dir), str(out), dtype)
+    return Path(out)
+
+
+def hf_to_megatron(hf: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
+                   config: str | Path | None = None) -> Path:
+    """Convert an HF model directory into a Megatron checkpoint for TP x PP (spawns tp*pp ranks)."""
+    from megatron_oapl.config import to_dict
+    from megatron_oapl.weights.hf_io import hf_tensor_reader
+
+    hf_dir = Path(hf)
+    if not (hf_dir / "config.json").is_file():
+        raise ConversionError(f"--hf {hf_dir} is not an HF model directory (no config.json)")
+    hf_tensor_reader(hf_dir)  # fails early, naming what is missing
+    cfg = import_config(hf_dir, tp, pp, config)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"--out {out} exists and is not empty; choose a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spawn_ranks(tp * pp, _import_entry, to_dict(cfg), str(hf_dir), str(out))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+_EPILOG = """\
+directions:
+  megatron-to-hf  a run checkpoint (any TP x PP x DP layout) -> an HF model directory. --ckpt takes a
+                  checkpoint directory, a run's checkpoints/ directory or the run directory (its
+                  `latest`). The checkpoint is verified against its manifest first. FP8-trained
+                  models are written dequantised.
+  hf-to-megatron  an HF Llama / Qwen2 / Qwen3 directory -> a Megatron checkpoint for TP x PP (model
+                  only, step 0). Train from it with checkpoint.load=OUT.
+
+examples:
+  oapl convert megatron-to-hf --ckpt runs/tiny --out runs/tiny-hf --dtype bf16
+  oapl convert hf-to-megatron --hf runs/tiny-model --out runs/tiny-tp2 --tp 2 --pp 1
+
+load the exported model:
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+  model = AutoModelForCausalLM.from_pretrained("runs/tiny-hf")
+  tokenizer = AutoTokenizer.from_pretrained("runs/tiny-hf")   # when the run's model.hf_path had one
+"""
+
+
+def _run_megatron_to_hf(args) -> int:
+    megatron_to_hf(args.ckpt, args.out, args.dtype)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _run_hf_to_megatron(args) -> int:
+    hf_to_megatron(args.hf, args.out, args.tp, args.pp, args.config)
+    print(f"wrote {args.out} (TP={args.tp}, PP={args.pp}); train from it with checkpoint.load={args.out}")
+    return 0
+
+
+def add_convert_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `convert` (with `megatron-to-hf` and `hf-to-megatron`) on an argparse subparsers object."""
+    convert = subparsers.add_parser(
+        "convert", help="convert between Megatron run checkpoints and Hugging Face model directories",
+        description="Convert between Megatron run checkpoints and Hugging Face model directories "
+        "(Llama, Qwen2, Qwen3).", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
+
+    m2h = sub.add_parser("megatron-to-hf", help="run checkpoint -> HF model directory",
+                         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m2h.add_argument("--ckpt", required=True,
+                     help="checkpoint directory, a run's checkpoints/ directory, or the run directory")
+    m2h.add_argument("--out", required=True, help="HF model directory to write")
+    m2h.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                     help="dtype of the written weights (default: the run's precision.params_dtype)")
+    m2h.set_defaults(func=_run_megatron_to_hf)
+
+    h2m = sub.add_parser("hf-to-megatron", help="HF model directory -> Megatron checkpoint for TP x PP",
+                         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    h2m.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
+    h2m.add_argument("--out", required=True, help="checkpoint directory to write (new or empty)")
+    h2m.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the checkpoint (default 1)")
+    h2m.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the checkpoint (default 1)")
+    h2m.add_argument("--config", default=None,
+                     help="run config YAML for the non-architecture sections (precision, ...); the "
+                          "architecture always comes from the HF config.json")
+    h2m.set_defaults(func=_run_hf_to_megatron)
+    return convert
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m megatron_oapl.checkpoint.convert DIRECTION ...` (the same as `oapl convert ...`)."""
+    from megatron_oapl.config import ConfigError
+
+    parser = argparse.ArgumentParser(prog="oapl")
+    add_convert_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(["convert", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except (ConversionError, ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
