@@ -16,7 +16,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_oapl", "megatron_oapl.*"]),
+    packages=find_packages(include=["megatron_oapl", "megatron_oapl.*", "launch"]),
+    package_data={"launch": ["templates/*.j2"]},
     install_requires=[
         "torch>=2.4",
         "megatron-core>=0.16.1",
@@ -34,6 +35,7 @@ setup(
         "math-verify>=0.9",
         "pyarrow",  # Parquet prompt files
         "matplotlib",  # pass@k plots
+        "jinja2",  # SLURM script templates
     ],
     extras_require={
         # The exact versions CI tests on a CPU-only Python 3.11 machine.

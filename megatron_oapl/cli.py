@@ -3,6 +3,8 @@
     oapl config show configs/tiny.yaml [key=value ...]   print the resolved config with field docs
     oapl train configs/tiny.yaml [key=value ...]         the main job (learners + fleet on this machine)
     oapl eval configs/tiny.yaml --model DIR              pass@k of an HF model directory
+    oapl convert megatron-to-hf | hf-to-megatron ...     checkpoint conversion (see its --help)
+    oapl launch slurm CONFIG [options]                   heterogeneous SLURM job (see docs/cluster.md)
 
 Multi-GPU and SLURM invocations are documented under each subcommand's --help.
 """
@@ -119,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="HF model directory (default: model.hf_path)")
     ev.add_argument("--out", help="report directory (default: RUN_DIR/eval)")
     ev.set_defaults(func=_eval)
+
+    from launch.slurm import add_launch_parser
+    from megatron_oapl.checkpoint.convert import add_convert_parser
+
+    add_convert_parser(sub)
+    add_launch_parser(sub)
     return parser
 
 
