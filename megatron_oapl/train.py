@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_oapl import metrics as M
+from megatron_oapl.checkpoint import CheckpointManager, install_signal_handlers
 from megatron_oapl.config import from_dict, to_dict
 from megatron_oapl.learner.batch import TrainBatch, build_batch
 from megatron_oapl.learner.distributed import destroy_distributed, init_distributed
@@ -187,6 +188,11 @@ def train(cfg_dict: dict) -> None:
         mapping = HFMapping.for_config(cfg.model)
         load_hf_tensors(policy.model, mapping, hf_tensor_reader(cfg.model.hf_path))
         policy.optimizer.reload_model_params()
+        # Resume: `oapl train` on an existing run directory continues from its `latest` checkpoint.
+        checkpoints = CheckpointManager(cfg.run_dir, cfg.checkpoint.keep_last, config=cfg)
+        resumed = (checkpoints.load(cfg.checkpoint.load, policy, ctx) if cfg.checkpoint.load
+                   else checkpoints.load_latest(policy, ctx))
+        stop = install_signal_handlers()  # SIGTERM / SIGUSR1: checkpoint at the next step boundary, exit
         # `recompute`: pi_lag is a frozen copy of the weights last pushed (memory: one more model).
         frozen = build_model(cfg, ctx)[0] if cfg.algo.logp_lag_source == "recompute" else None
         if frozen is not None:
@@ -199,9 +205,15 @@ def train(cfg_dict: dict) -> None:
         state = SyncState(*addr_port, num_stages=ctx.pp_size)
         guard = NonFiniteGuard(cfg.optim.max_consecutive_nonfinite)
         pad_id = 0
-        version = 0
-        progress = _progress(cfg) if coordinator else None
-        for step in range(1, cfg.optim.train_steps + 1):
+        version, first_step = 0, 1
+        if resumed:
+            first_step = resumed.get("step", 0) + 1
+            version = resumed.get("policy_version", 0)
+            guard.consecutive, guard.total = resumed.get("guard_consecutive", 0), resumed.get("guard_total", 0)
+            if coordinator:  # engines hold version 0: they are re-synced before any group is admitted
+                coordinator.buffer.current_version = version
+        progress = _progress(cfg, first_step) if coordinator else None
+        for step in range(first_step, cfg.optim.train_steps + 1):
             step_start = time.perf_counter()
             # 1. Rollouts of the current version (re-syncing restarted engines first).
             while True:
@@ -211,7 +223,9 @@ def train(cfg_dict: dict) -> None:
                 rdvs = state.rendezvous(len(message["resync"]), cfg)
                 if coordinator:
                     coordinator.request_sync(message["resync"], version, rdvs)
-                push(policy, mapping, ctx, rdvs, version, cfg, state, from_cache=version > 0)
+                # After a resume nothing was pushed yet: the restored weights are this version's.
+                push(policy, mapping, ctx, rdvs, version, cfg, state,
+                     from_cache=version > 0 and state.last_push is not None)
                 if coordinator:
                     coordinator.finish_sync(message["resync"], version)
             groups, consumed_version = message["groups"], version
@@ -248,6 +262,15 @@ def train(cfg_dict: dict) -> None:
             if coordinator:
                 _log_step(coordinator, progress, step, consumed_version, groups, result, extra,
                           time.perf_counter() - step_start, guard)
+            stopping = stop.agreed()  # collective: every rank stops at the same step
+            every = cfg.checkpoint.save_every
+            if stopping or step == cfg.optim.train_steps or (every and step % every == 0):
+                checkpoints.save(step, policy, ctx, {
+                    "step": step, "policy_version": version,
+                    "guard_consecutive": guard.consecutive, "guard_total": guard.total})
+            if stopping:
+                log.warning("stop requested by signal %s: checkpointed step %d, exiting", stop.signum, step)
+                break
         if progress:
             progress.close()
         _export_final(policy, mapping, ctx, cfg)
@@ -264,10 +287,10 @@ class _Frozen:
         self.model = model_chunks
 
 
-def _progress(cfg):
+def _progress(cfg, first_step: int = 1):
     from tqdm import tqdm
 
-    return tqdm(total=cfg.optim.train_steps, desc="oapl", unit="step", dynamic_ncols=True)
+    return tqdm(total=cfg.optim.train_steps, initial=first_step - 1, desc="oapl", unit="step", dynamic_ncols=True)
 
 
 def _log_step(coord: Coordinator, progress, step, version, groups, result, extra, seconds, guard) -> None:

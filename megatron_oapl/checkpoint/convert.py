@@ -34,12 +34,26 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+# No torch / Megatron at import time: the CLI imports `add_convert_parser` before parsing.
+DTYPES = ("bf16", "fp16", "fp32")
+_HF_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _dtype_name(dtype) -> str:
+    if isinstance(dtype, str):
+        return dtype
+    return {v: k for k, v in ((n, torch_dtype(n)) for n in DTYPES)}[dtype]
 MAX_SHARD_BYTES = 2 * 1024**3
 # Tokenizer files copied from model.hf_path (config.json and generation_config.json are written anew).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -56,15 +70,6 @@ class ConversionError(RuntimeError):
 # Configs
 # --------------------------------------------------------------------------------------------------
 
-# Parallel settings of a conversion world (every other section of the run config is kept).
-def _conversion_overrides(tp: int, pp: int) -> list[str]:
-    return [
-        f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}",
-        "parallel.data_parallel_size=null", "parallel.micro_batch_groups=null",
-        "parallel.sequence_parallel=false", "parallel.use_distributed_optimizer=false",
-    ]
-
-
 def export_config(ckpt_dir: str | Path):
     """The run config stored in checkpoint `ckpt_dir`, with a one-rank TP=PP=1 layout and no FP8 (the
     export model only holds weights; FP8 parameters are loaded dequantised)."""
@@ -74,37 +79,45 @@ def export_config(ckpt_dir: str | Path):
     if not path.is_file():
         raise ConversionError(f"checkpoint {ckpt_dir} has no config.yaml: it was not written by "
                               "megatron_oapl's CheckpointManager (the run config is needed to build the model)")
-    overrides = _conversion_overrides(1, 1) + ["precision.fp8.enabled=false", "precision.fp8.fp8_param=false",
-                                               "precision.fp8.first_last_layers_bf16=false"]
+    overrides = [
+        "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
+        "parallel.data_parallel_size=null", "parallel.micro_batch_groups=null",
+        "parallel.sequence_parallel=false", "parallel.use_distributed_optimizer=false",
+        "precision.fp8.enabled=false", "precision.fp8.fp8_param=false", "precision.fp8.first_last_layers_bf16=false"]
     return load_config(path, overrides, check_hardware=False)
 
 
 def import_config(hf_dir: str | Path, tp: int, pp: int, config_path: str | Path | None = None):
     """A run config whose model section is read from `hf_dir/config.json` (the rest from
-    `config_path` or the defaults), with TP x PP and DP = 1."""
-    from megatron_oapl.config import load_config
+    `config_path` or the defaults), with TP x PP and DP = 1. The layout is checked against the HF
+    model's shapes (heads, KV groups, layers), not against the YAML's own model section."""
+    from megatron_oapl.config import load_config, validate
     from megatron_oapl.models.hf_config import resolve_model
 
-    overrides = _conversion_overrides(tp, pp) + [f"model.hf_path={Path(hf_dir).resolve()}"]
-    cfg = resolve_model(load_config(config_path, overrides, check_hardware=False))
+    cfg = resolve_model(load_config(config_path, [f"model.hf_path={Path(hf_dir).resolve()}"], check_hardware=False))
+    model = cfg.model
     hf = json.loads((Path(hf_dir) / "config.json").read_text())
-    # Keep the model's RoPE table as long as the HF model's (the default max_seq_length is tiny).
     if config_path is None and hf.get("max_position_embeddings"):
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_seq_length=int(hf["max_position_embeddings"])))
-    from megatron_oapl.config import validate
-
+        # Without a run config, keep the HF model's context length (the defaults are the tiny run's).
+        model = dataclasses.replace(model, max_seq_length=int(hf["max_position_embeddings"]))
+    parallel = dataclasses.replace(cfg.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                   data_parallel_size=None, micro_batch_groups=None)
+    cfg = dataclasses.replace(cfg, model=model, parallel=parallel)
     validate(cfg, check_hardware=False)
     return cfg
 
 
 def _build_cfg(cfg):
-    """The config the conversion model is built from: FP8 off (weights only; see the module doc)."""
+    """The config the conversion model is built from: FP8 and sequence parallelism off (the model only
+    holds weights; neither changes a weight's name or shape; see the module doc)."""
     fp8 = dataclasses.replace(cfg.precision.fp8, enabled=False, fp8_param=False, first_last_layers_bf16=False)
-    return dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, fp8=fp8))
+    return dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, fp8=fp8),
+                               parallel=dataclasses.replace(cfg.parallel, sequence_parallel=False))
 
 
-def hf_config(model_cfg, dtype: torch.dtype, source_dir: str | Path | None = None):
-    """A transformers config (LlamaConfig / Qwen2Config / Qwen3Config) for `model_cfg`.
+def hf_config(model_cfg, dtype, source_dir: str | Path | None = None):
+    """A transformers config (LlamaConfig / Qwen2Config / Qwen3Config) for `model_cfg`; `dtype` is a
+    torch dtype or bf16 | fp16 | fp32.
 
     Token ids (bos/eos/pad) and a longer `max_position_embeddings` come from `source_dir/config.json`
     (the model the run started from) when it exists."""
@@ -145,7 +158,7 @@ def hf_config(model_cfg, dtype: torch.dtype, source_dir: str | Path | None = Non
             kwargs[key] = source[key]
     # transformers >= 5 names the field `dtype`; 4.x `torch_dtype`.
     major = int(transformers.__version__.split(".")[0])
-    kwargs["dtype" if major >= 5 else "torch_dtype"] = _HF_DTYPE_NAMES[dtype]
+    kwargs["dtype" if major >= 5 else "torch_dtype"] = _HF_DTYPE_NAMES[_dtype_name(dtype)]
     return classes[arch.name](**kwargs)
 
 
@@ -174,6 +187,8 @@ def write_safetensors(named: Iterable[tuple[str, torch.Tensor]], out_dir: str | 
     from megatron_oapl.weights.hf_io import save_hf_model
 
     out = Path(out_dir)
+    for stale in list(out.glob("model*.safetensors")) + list(out.glob(_INDEX)):
+        stale.unlink()  # a previous export into the same directory (possibly sharded differently)
     shard: list[tuple[str, torch.Tensor]] = []
     shard_bytes = 0
     written: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
@@ -236,31 +251,43 @@ def _weights_model(cfg, ctx):
     is overwritten by the conversion)."""
     from megatron_oapl.models.megatron_model import build_gpt_model, build_transformer_config
 
-    tconfig = build_transformer_config(_build_cfg(cfg))
+    build_cfg = _build_cfg(cfg)
+    tconfig = build_transformer_config(build_cfg)
     tconfig.perform_initialization = False
-    module = build_gpt_model(_build_cfg(cfg), tconfig, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage)
+    module = build_gpt_model(build_cfg, tconfig, pre_process=ctx.is_first_stage, post_process=ctx.is_last_stage)
     return [module.to(ctx.device)], tconfig
 
 
-def export_hf_rank(cfg, ctx, ckpt_dir: str | Path, out_dir: str | Path, dtype: torch.dtype,
+def export_hf_rank(cfg, ctx, ckpt_dir: str | Path, out_dir: str | Path, dtype,
                    max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Load checkpoint `ckpt_dir` into a TP=PP=1 model on this (single-rank) world and write the HF
-    directory `out_dir`. `cfg` is `export_config(ckpt_dir)`."""
+    """Load checkpoint `ckpt_dir` into a TP=PP=1 model and write the HF directory `out_dir` with
+    weights in `dtype` (torch dtype or bf16 | fp16 | fp32). `cfg` is `export_config(ckpt_dir)`.
+
+    Collective over a TP=PP=1 world: `megatron_to_hf` runs it on one rank; on a larger (data-parallel)
+    world every rank loads the whole model and rank 0 writes."""
+    import torch
+    import torch.distributed as dist
+
     from megatron_oapl.checkpoint.run_checkpoint import load_model_weights
     from megatron_oapl.models.hf_mapping import HFMapping
     from megatron_oapl.models.presets import get_architecture
     from megatron_oapl.weights.reshard import iter_hf_tensors
 
-    if ctx.world_size != 1:
-        raise ConversionError(f"megatron-to-hf runs on one rank (TP=PP=1), got a world of {ctx.world_size}")
+    if ctx.tp_size != 1 or ctx.pp_size != 1:
+        raise ConversionError(f"megatron-to-hf loads the whole model on a rank (TP=PP=1), got TP={ctx.tp_size} "
+                              f"PP={ctx.pp_size}")
     model, _ = _weights_model(cfg, ctx)
     load_model_weights(model, ckpt_dir)
-    mapping = HFMapping.from_model_config(get_architecture(cfg.model.preset), cfg.model)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        write_safetensors(dequantized(iter_hf_tensors(model, mapping)), out, dtype, max_shard_bytes)
-    write_hf_side_files(out, hf_config(cfg.model, dtype, cfg.model.hf_path), cfg.model.hf_path)
+    if ctx.rank == 0:
+        mapping = HFMapping.from_model_config(get_architecture(cfg.model.preset), cfg.model)
+        out.mkdir(parents=True, exist_ok=True)
+        dtype = torch_dtype(_dtype_name(dtype))
+        with torch.no_grad():
+            write_safetensors(dequantized(iter_hf_tensors(model, mapping)), out, dtype, max_shard_bytes)
+        write_hf_side_files(out, hf_config(cfg.model, dtype, cfg.model.hf_path), cfg.model.hf_path)
+    if dist.is_initialized():
+        dist.barrier()
     return out
 
 
@@ -289,6 +316,8 @@ def import_hf_rank(cfg, ctx, hf_dir: str | Path, out_dir: str | Path) -> list:
 
 
 def _rank_entry(rank: int, world_size: int, port: int, fn, args) -> None:
+    import torch
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     if not torch.cuda.is_available():
@@ -315,7 +344,7 @@ def _export_entry(cfg_dict: dict, ckpt_dir: str, out_dir: str, dtype_name: str) 
     cfg = from_dict(cfg_dict, check_hardware=False)
     ctx = init_distributed(cfg)
     try:
-        export_hf_rank(cfg, ctx, ckpt_dir, out_dir, DTYPES[dtype_name])
+        export_hf_rank(cfg, ctx, ckpt_dir, out_dir, dtype_name)
     finally:
         destroy_distributed()
 
@@ -346,6 +375,10 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, dtype: str | None = None) 
     dtype = dtype or cfg.precision.params_dtype
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype={dtype!r} must be one of: {', '.join(DTYPES)}")
+    source = cfg.model.hf_path
+    if source and not (Path(source) / "config.json").is_file():
+        print(f"note: model.hf_path={source} (from the checkpoint's config.yaml) is not here: no tokenizer "
+              "files are copied and token ids come from nowhere; copy them from the source model", file=sys.stderr)
     spawn_ranks(1, _export_entry, to_dict(cfg), str(ckpt_dir), str(out), dtype)
     return Path(out)
 
@@ -382,6 +415,10 @@ directions:
   hf-to-megatron  an HF Llama / Qwen2 / Qwen3 directory -> a Megatron checkpoint for TP x PP (model
                   only, step 0). Train from it with checkpoint.load=OUT.
 
+where it runs: on this machine. hf-to-megatron starts TP*PP ranks (one GPU each on a GPU machine,
+gloo processes on CPU), megatron-to-hf one rank that holds the whole model (weights only). Inside a
+SLURM allocation: srun -N1 -n1 --gpus=<TP*PP> oapl convert ...
+
 examples:
   oapl convert megatron-to-hf --ckpt runs/tiny --out runs/tiny-hf --dtype bf16
   oapl convert hf-to-megatron --hf runs/tiny-model --out runs/tiny-tp2 --tp 2 --pp 1
@@ -393,12 +430,27 @@ load the exported model:
 """
 
 
+def _cli_errors(run):
+    """User errors (bad paths, configs, refused checkpoints) as `error: ...` and exit status 2."""
+    def wrapped(args) -> int:
+        from megatron_oapl.config import ConfigError
+
+        try:
+            return run(args)
+        except (ConversionError, ConfigError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    return wrapped
+
+
+@_cli_errors
 def _run_megatron_to_hf(args) -> int:
     megatron_to_hf(args.ckpt, args.out, args.dtype)
     print(f"wrote {args.out}")
     return 0
 
 
+@_cli_errors
 def _run_hf_to_megatron(args) -> int:
     hf_to_megatron(args.hf, args.out, args.tp, args.pp, args.config)
     print(f"wrote {args.out} (TP={args.tp}, PP={args.pp}); train from it with checkpoint.load={args.out}")
@@ -418,7 +470,7 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     m2h.add_argument("--ckpt", required=True,
                      help="checkpoint directory, a run's checkpoints/ directory, or the run directory")
     m2h.add_argument("--out", required=True, help="HF model directory to write")
-    m2h.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+    m2h.add_argument("--dtype", choices=DTYPES, default=None,
                      help="dtype of the written weights (default: the run's precision.params_dtype)")
     m2h.set_defaults(func=_run_megatron_to_hf)
 
@@ -437,16 +489,10 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m megatron_oapl.checkpoint.convert DIRECTION ...` (the same as `oapl convert ...`)."""
-    from megatron_oapl.config import ConfigError
-
     parser = argparse.ArgumentParser(prog="oapl")
     add_convert_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(["convert", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except (ConversionError, ConfigError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return args.func(args)
 
 
 if __name__ == "__main__":

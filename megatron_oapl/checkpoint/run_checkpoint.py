@@ -11,13 +11,16 @@ Layout of `run_dir/checkpoints/`:
         manifest.json           every other file: relative path, size, sha256; written once all ranks are done
     tmp-step_30/                a save in progress (or interrupted by a crash): never loaded, removed later
 
-A save writes everything into `tmp-step_N`, barriers, has rank 0 hash every file into `manifest.json`,
-renames the directory to `step_N` (atomic on POSIX) and only then replaces `latest` (temp file +
-`os.replace`) and prunes older checkpoints. A crash at any point leaves the previous checkpoint intact.
+A save writes everything into `tmp-step_N`, barriers, hashes every file (the sha256 work is split over
+the ranks, which read the shared directory; rank 0 gathers the digests), has rank 0 write
+`manifest.json`, rename the directory to `step_N` (atomic on POSIX) and only then replace `latest`
+(temp file + `os.replace`) and prune older checkpoints. A crash at any point leaves the previous
+checkpoint intact. Saves are synchronous. All ranks must see one shared filesystem.
 
-Loading checks the manifest (sizes, then sha256) before trusting a checkpoint; a missing, truncated or
-corrupted file makes that checkpoint refused with a logged message naming the file, and the next older
-one is tried. The model and optimizer state then come through Megatron's sharded state dicts, which
+Loading checks the manifest before trusting a checkpoint (rank 0 checks sizes, then the ranks share the
+hashing and rank 0 decides and broadcasts); a missing, truncated or corrupted file makes that
+checkpoint refused with a logged message naming the file, and the next older one is tried. The model
+and optimizer state then come through Megatron's sharded state dicts, which
 carry global shapes and offsets, so a checkpoint saved with one TP x PP x DP layout loads into another:
 
 - model weights: any TP / PP / DP change;
@@ -30,6 +33,9 @@ carry global shapes and offsets, so a checkpoint saved with one TP x PP x DP lay
   restart from zero;
 - RNG states: restored only when the layout (world size, TP, PP, DP) is the one that saved them;
 - the LR scheduler: always (it is the same on every rank).
+
+On CPU (torch's Adam, no Apex / Transformer Engine) megatron-core 0.16.1's distributed optimizer needs
+three fixes to load at all and correctly; see `_distributed_optimizer_load_fixes`.
 """
 
 from __future__ import annotations

@@ -1,18 +1,13 @@
 """`oapl train` end to end on real processes: tiny HF model -> learners (TP=2, gloo) + an engine process
--> TensorBoard (read back with TensorBoard's own reader), final HF model, pass@k report. Also: killing
-the engine mid-run leads to a restart, a re-sync and no mixed-version group."""
+-> TensorBoard (read back with TensorBoard's own reader), final HF model, checkpoint, pass@k report."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megatron_oapl import metrics as M
@@ -64,25 +59,4 @@ def test_short_run_syncs_on_schedule_and_logs(tiny_model, tmp_path):
     assert sum(p.numel() for p in model.parameters()) > 0
     assert (run_dir / "eval" / "eval.json").is_file() and (run_dir / "eval" / "pass_at_k.png").is_file()
     assert (run_dir / "config.yaml").is_file()
-
-
-def test_killed_engine_is_restarted_and_resynced(tiny_model, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = oapl_train(tiny_model, run_dir, "optim.train_steps=14", "lag.sync_every=2")
-    pid_file = run_dir / "engines" / "engine-0.pid"
-    deadline = time.monotonic() + 300
-    while not (run_dir / "tensorboard").exists() or not pid_file.exists():
-        assert proc.poll() is None, proc.communicate()[0][-4000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
-    time.sleep(15)  # a few steps and syncs into the run
-    first_pid = int(pid_file.read_text())
-    os.kill(first_pid, signal.SIGKILL)
-    finish(proc, 600)
-    assert int(pid_file.read_text()) != first_pid  # a new engine process took over
-    tb = scalars(run_dir)
-    last = max(tb[M.LOSS])
-    assert last == 14
-    assert tb[M.ENGINE_RESTARTS][last] == 1
-    assert tb[M.ENGINE_RESYNCS][last] >= 1  # brought back to the current version before admission
-    assert all(v == 0 for v in tb[M.GROUP_LAG_MAX].values())
+    assert (run_dir / "checkpoints" / "latest").is_file() and (run_dir / "checkpoints" / "step_6").is_dir()
