@@ -162,7 +162,7 @@ def test_dry_run_renders_het_script_with_requested_options(in_cluster, tmp_path,
 def test_dry_run_gpu_and_container_options_without_cluster(tmp_path, capsys):
     rc = launch_main(CONFIG, "run_dir=/shared/runs/big", "model.hf_path=/shared/models/tiny",
                      "parallel.tensor_model_parallel_size=2",
-                     "fleet.engine_tensor_parallel_size=2", "--dry-run", "--no-cluster-check",
+                     "fleet.engine_tensor_parallel_size=2", "--dry-run", "--no-cluster-check", "--allow-local-paths",
                      "--learner-nodes", "2", "--learner-gpus-per-node", "4", "--fleet-nodes", "1",
                      "--fleet-gpus-per-node", "8", "--learner-partition", "train", "--fleet-partition", "infer",
                      "--account", "proj", "--container-image", "/shared/img.sqsh", "--container-mounts",
