@@ -83,6 +83,9 @@ class Coordinator:
     def request_sync(self, engine_ids: list[int], version: int, rdvs: list[Rendezvous]) -> None:
         self.fleet.request_sync(engine_ids, version, [r.to_dict() for r in rdvs])
 
+    def peer_check(self, engine_ids: list[int]):
+        return lambda: self.fleet.dead_among(engine_ids)
+
     def finish_sync(self, engine_ids: list[int], version: int) -> dict:
         replies = self.fleet.wait_synced(engine_ids, version, self.cfg.fleet.weight_sync.timeout_s)
         refused = {i: r["error"] for i, r in replies.items() if r["error"]}
@@ -140,6 +143,7 @@ class SyncState:
     store_port: int
     num_stages: int
     epoch: int = 0
+    pushed: bool = False  # a fresh push happened in this process (same on every rank: decides collectives)
     last_push: list | None = None  # this stage sender's last pushed tensors, for re-syncs
 
     def rendezvous(self, num_engines: int, cfg) -> list[Rendezvous]:
@@ -149,20 +153,23 @@ class SyncState:
                                 backend, cfg.fleet.weight_sync.timeout_s)
 
 
-def push(policy, mapping, ctx, rdvs, version, cfg, state: SyncState, from_cache: bool) -> None:
-    """Every stage's sender streams its tensors (the fresh weights, or the cached last push)."""
-    if not from_cache and ctx.dp_rank == 0:
-        tensors = [(n, t.detach().clone().cpu()) for n, t in iter_hf_tensors(policy.model, mapping)]
-        if is_stage_sender(ctx):
-            state.last_push = tensors
+def push(policy, mapping, ctx, rdvs, version, cfg, state: SyncState, from_cache: bool, check_peers=None) -> None:
+    """Every stage's sender streams its tensors (the fresh weights, or the cached last push).
+    `check_peers` (coordinator only) names engines that died, so the push aborts at once for everyone."""
+    if not from_cache:
+        if ctx.dp_rank == 0:  # the TP gathers are collectives: every rank of the stage takes part
+            tensors = [(n, t.detach().clone().cpu()) for n, t in iter_hf_tensors(policy.model, mapping)]
+            if is_stage_sender(ctx):
+                state.last_push = tensors
+        state.pushed = True
     if not is_stage_sender(ctx):
         return
     try:
-        send_weights(WeightGroup(rdvs[ctx.pp_rank], 0), state.last_push, version,
+        send_weights(WeightGroup(rdvs[ctx.pp_rank], 0, check_peers), state.last_push, version,
                      int(cfg.fleet.weight_sync.bucket_mb * 2**20))
     except RuntimeError as err:
-        # An engine died inside the collective. Its peers refuse the partial push; the coordinator
-        # restarts the dead engine and re-syncs every engine that did not confirm this version.
+        # An engine died during the push: every member aborted, the live engines kept their weights; the
+        # coordinator restarts the dead engine and re-syncs every engine that did not confirm this version.
         log.warning("weight push of version %d (stage %d) failed: %s", version, ctx.pp_rank, err)
 
 
@@ -223,9 +230,10 @@ def train(cfg_dict: dict) -> None:
                 rdvs = state.rendezvous(len(message["resync"]), cfg)
                 if coordinator:
                     coordinator.request_sync(message["resync"], version, rdvs)
-                # After a resume nothing was pushed yet: the restored weights are this version's.
-                push(policy, mapping, ctx, rdvs, version, cfg, state,
-                     from_cache=version > 0 and state.last_push is not None)
+                # Re-syncs resend the last push (the learner has moved on since); before the first push of
+                # this process (start, resume) the current weights are this version's.
+                push(policy, mapping, ctx, rdvs, version, cfg, state, from_cache=state.pushed,
+                     check_peers=coordinator.peer_check(message["resync"]) if coordinator else None)
                 if coordinator:
                     coordinator.finish_sync(message["resync"], version)
             groups, consumed_version = message["groups"], version
@@ -252,7 +260,8 @@ def train(cfg_dict: dict) -> None:
                 rdvs = state.rendezvous(len(engines), cfg)
                 if coordinator:
                     coordinator.request_sync(engines, version, rdvs)
-                push(policy, mapping, ctx, rdvs, version, cfg, state, from_cache=False)
+                push(policy, mapping, ctx, rdvs, version, cfg, state, from_cache=False,
+                     check_peers=coordinator.peer_check(engines) if coordinator else None)
                 if frozen is not None:
                     copy_weights(policy.model, frozen)
                 if coordinator:

@@ -215,14 +215,13 @@ class Fleet:
         return restarted
 
     def wait_ready(self, engine_ids, timeout_s: float = 300.0) -> None:
-        """Block until the given engines said hello (they are then ready to join a weight group)."""
+        """Block until the given engines said hello (they are then ready to join a weight group); one that
+        dies while starting is restarted like any other (within fleet.max_restarts)."""
         deadline = time.monotonic() + timeout_s
         while any(self.engines[i].version < 0 for i in engine_ids):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"engines {list(engine_ids)} did not start within {timeout_s:.0f} s")
-            for i in engine_ids:
-                if not self.engines[i].process.is_alive():
-                    raise RuntimeError(f"engine {i} exited during start-up (exit code {self.engines[i].process.exitcode})")
+            self.restart_dead()
             self._read_control(200)
 
     def ready_engines(self) -> list[int]:
@@ -230,6 +229,12 @@ class Fleet:
         that is still starting joins through a re-sync instead)."""
         self._read_control(0)
         return sorted(i for i, h in self.engines.items() if h.process.is_alive() and h.version >= 0)
+
+    def dead_among(self, engine_ids: list[int]) -> str | None:
+        """A message naming the engines of `engine_ids` whose process has died, or None (a weight push
+        polls this to abort instead of waiting for them)."""
+        dead = [i for i in engine_ids if not self.engines[i].process.is_alive()]
+        return f"engine(s) {dead} died" if dead else None
 
     def request_sync(self, engine_ids: list[int], version: int, rendezvous: list[dict]) -> None:
         """Tell engines to join the weight groups (engine k of the list is group rank k + 1)."""

@@ -9,8 +9,9 @@ group, and a group never outlives a push.
 One push (per stage): for each bucket, the sender broadcasts a JSON header (version, tensor table,
 checksum) and then the flat bucket; an end marker carries the bucket count. The receiver verifies every
 checksum and the count, and only returns the tensors if everything arrived intact: a corrupt or partial
-push raises `WeightSyncError` and the engine keeps its previous weights. gloo on CPU, NCCL on GPU: the
-same code, two backends.
+push raises `WeightSyncError` and the engine keeps its previous weights. A member that dies (before
+joining or mid-stream) aborts the push on every member at once instead of stalling them until the
+timeout (`WeightGroup`). gloo on CPU, NCCL on GPU: the same code, two backends.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ import datetime
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 
 from megatron_oapl.weights.bucket import BucketHeader, checksum, pack_buckets, unpack_bucket
+
+
+_ABORT_KEY = "abort"
+_ABORT_POLL_S = 0.05
 
 
 class WeightSyncError(RuntimeError):
@@ -60,22 +65,79 @@ class WeightStoreServer:
 
 
 class WeightGroup:
-    def __init__(self, rdv: Rendezvous, rank: int):
+    """One rank's membership of a stage's weight group, abortable by any member.
+
+    A dead member must not stall the others until the collective timeout: gloo only errors on the peers
+    that talked to the dead rank directly, and a member that dies before joining is never noticed at all.
+    So every wait here polls: the group's own progress, an `abort` key shared by the whole sync epoch
+    (set by the first member that fails), and an optional `check_peers` callback (the coordinator passes
+    one that names engines whose process died). Any of them aborts the process group and raises
+    `WeightSyncError` on every member within ~`_ABORT_POLL_S`.
+    """
+
+    def __init__(self, rdv: Rendezvous, rank: int, check_peers: Callable[[], str | None] | None = None):
         timeout = datetime.timedelta(seconds=rdv.timeout_s)
         store = dist.TCPStore(rdv.addr, rdv.port, is_master=False, timeout=timeout)
-        prefixed = dist.PrefixStore(f"oapl-weights/{rdv.epoch}/{rdv.stage}", store)
+        self.rank, self.rdv, self.pg = rank, rdv, None
+        self._epoch_store = dist.PrefixStore(f"oapl-weights/{rdv.epoch}", store)
+        self._check_peers = check_peers
+        # Join barrier before the process group: its constructor would wait the full timeout for a
+        # member that never comes.
+        joined = [f"joined/{rdv.stage}/{r}" for r in range(rdv.world_size)]
+        self._epoch_store.set(joined[rank], b"1")
+        self._wait_until(lambda: self._epoch_store.check(joined), "joining", poll_s=0.01)
+        prefixed = dist.PrefixStore(str(rdv.stage), self._epoch_store)
         if rdv.backend == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
             self.pg = dist.ProcessGroupNCCL(prefixed, rank, rdv.world_size)
         else:
             self.device = torch.device("cpu")
             self.pg = dist.ProcessGroupGloo(prefixed, rank, rdv.world_size, timeout)
-        self.rank, self.rdv = rank, rdv
+
+    def abort(self, reason: str) -> None:
+        """Abort the push for every member of this sync epoch (all stages) and raise here."""
+        self._epoch_store.set(_ABORT_KEY, f"rank {self.rank} of stage {self.rdv.stage}: {reason}".encode())
+        self._abort_pg()
+        raise WeightSyncError(f"weight push (epoch {self.rdv.epoch}, stage {self.rdv.stage}) aborted: {reason}")
+
+    def _abort_pg(self) -> None:
+        if self.pg is not None:
+            self.pg.abort()  # unblocks this rank's pending collective; the group is unusable afterwards
+            self.pg = None
+
+    def _raise_if_aborted(self, what: str) -> None:
+        if self._epoch_store.check([_ABORT_KEY]):
+            reason = self._epoch_store.get(_ABORT_KEY).decode()
+            self._abort_pg()
+            raise WeightSyncError(f"weight push (epoch {self.rdv.epoch}, stage {self.rdv.stage}) aborted while "
+                                  f"{what}: {reason}")
+        problem = self._check_peers() if self._check_peers else None
+        if problem:
+            self.abort(f"{problem} (while {what})")
+
+    def _wait_until(self, done: Callable[[], bool], what: str, poll_s: float = 0.0005) -> None:
+        deadline = time.monotonic() + self.rdv.timeout_s
+        next_check = 0.0
+        while not done():
+            now = time.monotonic()
+            if now >= next_check:  # store round trips only every _ABORT_POLL_S, the local poll is cheap
+                self._raise_if_aborted(what)
+                next_check = now + _ABORT_POLL_S
+            if now > deadline:
+                self.abort(f"no progress for fleet.weight_sync.timeout_s={self.rdv.timeout_s:.0f} s while {what}")
+            time.sleep(poll_s)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        if self.pg is None:
+            raise WeightSyncError(f"weight group (epoch {self.rdv.epoch}, stage {self.rdv.stage}) was aborted")
         opts = dist.BroadcastOptions()
         opts.rootRank = src
-        self.pg.broadcast([tensor], opts).wait()
+        work = self.pg.broadcast([tensor], opts)
+        self._wait_until(work.is_completed, "broadcasting")
+        try:
+            work.wait()
+        except RuntimeError as err:  # e.g. gloo's "connection closed by peer": tell the other members
+            self.abort(f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
 
     def send_json(self, obj: dict) -> None:
         payload = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(self.device)

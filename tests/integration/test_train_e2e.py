@@ -60,3 +60,34 @@ def test_short_run_syncs_on_schedule_and_logs(tiny_model, tmp_path):
     assert (run_dir / "eval" / "eval.json").is_file() and (run_dir / "eval" / "pass_at_k.png").is_file()
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "latest").is_file() and (run_dir / "checkpoints" / "step_6").is_dir()
+
+
+def test_killed_engine_is_restarted_resynced_and_never_mixes_versions(tiny_model, tmp_path):
+    """SIGKILL one of two engines mid-run (wherever it is: sampling, or inside a weight push, which then
+    aborts for every member): the coordinator restarts it, re-syncs it to the current version before any of
+    its groups count, and no consumed group is of an older version."""
+    import os
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    proc = oapl_train(tiny_model, run_dir, "optim.train_steps=40", "lag.sync_every=2", "fleet.num_engines=2")
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            steps = scalars(run_dir).get(M.LOSS, {}) if (run_dir / "tensorboard").is_dir() else {}
+            if len(steps) >= 8:
+                break
+            time.sleep(1)
+        assert proc.poll() is None, "the run ended before the engine could be killed"
+        os.kill(int((run_dir / "engines" / "engine-1.pid").read_text()), signal.SIGKILL)
+        out = finish(proc, 600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    tb = scalars(run_dir)
+    assert max(tb[M.ENGINE_RESTARTS].values()) == 1, out[-3000:]
+    assert max(tb[M.ENGINE_RESYNCS].values()) >= 1
+    assert sorted(tb[M.LOSS]) == list(range(1, 41))
+    assert all(v == 0 for v in tb[M.GROUP_LAG_MAX].values())
+    assert sorted(tb[M.SYNC_SECONDS]) == list(range(2, 41, 2))

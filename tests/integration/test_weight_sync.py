@@ -1,10 +1,14 @@
 """Weight sync on real processes over gloo: TP=2 and PP=2 learners push to a separate engine process,
 which then samples; the learner's log-probs of those samples equal the engine's (fp32, atol 1e-4 per
-sequence). A corrupt bucket is refused and the engine keeps its weights and version."""
+sequence). A corrupt bucket is refused and the engine keeps its weights and version. An engine that dies
+during a push (mid-stream, or before it joined) aborts the push on every other member, who keep their
+weights, instead of leaving them blocked until the group's timeout."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
 
 import pytest
 import torch
@@ -12,7 +16,14 @@ import transformers
 
 from megatron_oapl.weights.bucket import pack_buckets
 from megatron_oapl.weights.sync import stage_rendezvous
-from megatron_oapl.weights.transport import WeightGroup, WeightStoreServer, send_bucket, send_end
+from megatron_oapl.weights.transport import (
+    WeightGroup,
+    WeightStoreServer,
+    WeightSyncError,
+    send_bucket,
+    send_end,
+    send_weights,
+)
 from tests.support.distributed import run_ranks
 from tests.support.oapl_case import REF, run_config
 from tests.support.sync_workers import engine_receive_and_sample, learner_push_then_score
@@ -32,9 +43,10 @@ def write_hf_model(path, seed: int) -> dict:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def start_engine(model_dir, rdvs, version, out_path) -> mp.Process:
+def start_engine(model_dir, rdvs, version, out_path, engine_rank=1, join_delay_s=0.0) -> mp.Process:
     proc = mp.get_context("spawn").Process(
-        target=engine_receive_and_sample, args=(str(model_dir), [r.to_dict() for r in rdvs], version, str(out_path))
+        target=engine_receive_and_sample,
+        args=(str(model_dir), [r.to_dict() for r in rdvs], version, str(out_path), engine_rank, join_delay_s),
     )
     proc.start()
     return proc
@@ -95,3 +107,46 @@ def test_flipped_byte_is_refused_and_old_weights_stay(tmp_path):
     assert result["version"] == 0
     for name, tensor in old.items():
         assert torch.equal(result["state"][name], tensor), name
+
+
+@pytest.mark.parametrize("when", ["mid-stream", "before-joining"])
+def test_engine_death_aborts_the_push_for_every_member(tmp_path, when):
+    """Three engines (group ranks 1-3); engine rank 1 is SIGKILLed. gloo alone would only fail the members
+    that talk to rank 1 directly and leave the others blocked for the full timeout (measured: rank 1 of 4
+    receivers killed -> 3 members stuck until the op timeout), and nobody notices a member that never joins."""
+    model_dir = tmp_path / "engine_model"
+    old = write_hf_model(model_dir, seed=1)
+    server = WeightStoreServer()
+    # A timeout far above what the test takes: an abort, not a timeout, must end every member's wait.
+    rdvs = stage_rendezvous("127.0.0.1", server.port, epoch=3, num_stages=1, num_engines=3,
+                            backend="gloo", timeout_s=600)
+    engines = [start_engine(model_dir, rdvs, 2, tmp_path / f"engine{rank}.pt", rank,
+                            join_delay_s=600 if (rank == 1 and when == "before-joining") else 0.0)
+               for rank in (1, 2, 3)]
+    victim = engines[0]
+
+    def check_peers():  # what the coordinator passes: names engines whose process died
+        return None if victim.is_alive() else "engine rank 1 died"
+
+    def stream():  # endless small tensors; rank 1 is killed after a few buckets went out
+        for i in range(10**6):
+            if i == 40 and when == "mid-stream":
+                os.kill(victim.pid, signal.SIGKILL)
+            yield f"t{i}", torch.full((1024,), float(i))
+
+    if when == "before-joining":
+        # Kill once the two others have joined, so the sender is waiting for rank 1 only.
+        group_store = server.store
+        group_store.wait(["oapl-weights/3/joined/0/2", "oapl-weights/3/joined/0/3"])
+        os.kill(victim.pid, signal.SIGKILL)
+    with pytest.raises(WeightSyncError, match="aborted"):
+        send_weights(WeightGroup(rdvs[0], rank=0, check_peers=check_peers), stream(), 2, bucket_bytes=16 * 1024)
+    for rank, engine in zip((2, 3), engines[1:]):
+        engine.join(120)
+        assert engine.exitcode == 0
+        result = torch.load(tmp_path / f"engine{rank}.pt")
+        assert "aborted" in result["error"] and result["version"] == 0
+        for name, tensor in old.items():  # nothing half-applied
+            assert torch.equal(result["state"][name], tensor), name
+    victim.join(10)
+    assert victim.exitcode == -signal.SIGKILL

@@ -14,7 +14,8 @@ PROMPTS = [[3, 7, 11], [5, 2], [9, 9, 9, 1]]
 SAMPLING = SamplingParams(n=4, temperature=0.7, top_p=1.0, max_new_tokens=6, seed=0)
 
 
-def engine_receive_and_sample(model_dir: str, rdvs: list[dict], version: int, out_path: str) -> None:
+def engine_receive_and_sample(model_dir: str, rdvs: list[dict], version: int, out_path: str,
+                              engine_rank: int = 1, join_delay_s: float = 0.0) -> None:
     """Join the weight groups, load the push (or record the refusal), then sample and save."""
     from megatron_oapl.rollout.torch_engine import TorchEngine
     from megatron_oapl.rollout.weight_receiver import receive_all_stages
@@ -23,8 +24,9 @@ def engine_receive_and_sample(model_dir: str, rdvs: list[dict], version: int, ou
     torch.set_num_threads(1)
     engine = TorchEngine(model_dir)
     error = None
+    time.sleep(join_delay_s)
     try:
-        tensors = receive_all_stages([Rendezvous(**r) for r in rdvs], engine_rank=1, version=version)
+        tensors = receive_all_stages([Rendezvous(**r) for r in rdvs], engine_rank=engine_rank, version=version)
         engine.load_weights(tensors, version)
     except WeightSyncError as err:
         error = str(err)
