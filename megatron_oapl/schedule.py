@@ -4,13 +4,13 @@ Policy version v is the weights pushed at the v-th sync (v = 0: the initial weig
 after every `sync_every` (L) optimizer steps, so after step s the current version is s // L, and the
 inference policy lags pi_theta by (s mod L) steps. The buffer admits only groups whose version is
 within `max_version_lag` of the current one (default 0: only the current policy, as OAPL's V_hat and
-target assume) and counts what it drops. `offline` mode: one pre-generated dataset stands in for the
+target assume) and counts what it drops. Groups leave the buffer by work-order index (rollout/orders.py),
+never by arrival order, so a step's batch does not depend on engine timing. `offline` mode: one pre-generated dataset stands in for the
 fleet of a whole round.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from megatron_oapl.rollout.types import RolloutGroup
@@ -45,12 +45,13 @@ class LagSchedule:
 
 @dataclass
 class VersionedBuffer:
-    """Rollout groups waiting for the learner, filtered by the lag schedule."""
+    """Rollout groups waiting for the learner, keyed by work-order index, filtered by the lag schedule."""
 
     schedule: LagSchedule
     current_version: int = 0
-    groups: deque = field(default_factory=deque)
+    groups: dict[int, RolloutGroup] = field(default_factory=dict)
     dropped_stale: int = 0  # groups refused or evicted for being of an older version
+    duplicates: int = 0  # a second group for an order (its engine was presumed dead and the order re-dealt)
     admitted: int = 0
 
     def add(self, group: RolloutGroup) -> bool:
@@ -62,24 +63,27 @@ class VersionedBuffer:
         if not self.schedule.admissible(group.policy_version, self.current_version):
             self.dropped_stale += 1
             return False
-        self.groups.append(group)
+        if group.order_index in self.groups:
+            self.duplicates += 1
+            return False
+        self.groups[group.order_index] = group
         self.admitted += 1
         return True
 
     def advance(self, version: int) -> int:
         """A sync to `version` happened: evict groups that are no longer admissible; returns how many."""
         self.current_version = version
-        kept = deque(g for g in self.groups if self.schedule.admissible(g.policy_version, version))
+        kept = {i: g for i, g in self.groups.items() if self.schedule.admissible(g.policy_version, version)}
         evicted = len(self.groups) - len(kept)
         self.groups = kept
         self.dropped_stale += evicted
         return evicted
 
-    def take(self, count: int) -> list[RolloutGroup] | None:
-        """`count` groups in arrival order, or None if fewer are waiting."""
-        if len(self.groups) < count:
+    def take(self, indices: range) -> list[RolloutGroup] | None:
+        """The groups of these order indices, in index order, or None until all of them are here."""
+        if any(i not in self.groups for i in indices):
             return None
-        return [self.groups.popleft() for _ in range(count)]
+        return [self.groups.pop(i) for i in indices]
 
     def __len__(self) -> int:
         return len(self.groups)

@@ -32,6 +32,7 @@ from megatron_oapl.learner.model import build_model, build_policy
 from megatron_oapl.learner.step import NonFiniteGuard, forward_logprobs, train_step
 from megatron_oapl.models.hf_config import resolve_model
 from megatron_oapl.models.hf_mapping import HFMapping
+from megatron_oapl.rollout.orders import OrderBook, PromptSampler
 from megatron_oapl.schedule import LagSchedule, VersionedBuffer
 from megatron_oapl.weights.hf_io import hf_tensor_reader, save_hf_model
 from megatron_oapl.weights.reshard import iter_hf_tensors, load_hf_tensors
@@ -47,10 +48,14 @@ log = logging.getLogger("oapl.train")
 
 
 class Coordinator:
-    def __init__(self, cfg, cfg_dict: dict, schedule: LagSchedule):
+    def __init__(self, cfg, cfg_dict: dict, schedule: LagSchedule, start_step: int = 1, start_position: int = 0):
+        from megatron_oapl.data.prompts import load_prompts
         from megatron_oapl.rollout.fleet import Fleet
 
         self.cfg, self.schedule = cfg, schedule
+        sampler = PromptSampler(len(load_prompts(cfg.data, "train")), cfg.data.seed)
+        self.orders = OrderBook(sampler, cfg.seed, cfg.fleet.prompts_per_step, schedule.sync_every,
+                                start_step, start_position)
         self.store = WeightStoreServer(cfg.fleet.weight_sync.master_addr, cfg.fleet.weight_sync.master_port,
                                        cfg.fleet.weight_sync.timeout_s)
         self.fleet = Fleet(cfg, cfg_dict, cfg.model.hf_path)
@@ -60,21 +65,28 @@ class Coordinator:
         self.resyncs = 0
         self.fleet.wait_ready(list(self.fleet.engines), timeout_s=cfg.fleet.weight_sync.timeout_s)
 
-    def next_message(self, version: int) -> dict:
-        """Either engines to re-sync (restarted ones) or the next batch of admissible groups."""
+    def next_message(self, step: int, version: int) -> dict:
+        """Either engines to re-sync (restarted ones) or the groups of this step's work orders."""
         start = time.perf_counter()
+        self.orders.plan_round(step, version)
         try:
             while True:
                 restarted = self.fleet.restart_dead()
+                for engine_id in restarted:
+                    self.orders.release(engine_id)  # its open orders are dealt again
                 if restarted:
                     self.fleet.wait_ready(restarted, self.cfg.fleet.weight_sync.timeout_s)
                 stale = [i for i, h in self.fleet.engines.items() if 0 <= h.version != version]
                 if stale:
                     self.resyncs += len(stale)
                     return {"resync": stale}
+                current = [i for i, h in self.fleet.engines.items() if h.version == version and h.process.is_alive()]
+                for engine_id, orders in self.orders.assign(current).items():
+                    self.fleet.send_orders(engine_id, orders)
                 for group in self.fleet.poll_groups(100):
-                    self.buffer.add(group)
-                groups = self.buffer.take(self.cfg.fleet.prompts_per_step)
+                    if self.buffer.add(group):
+                        self.orders.delivered(group.order_index)
+                groups = self.buffer.take(self.orders.indices(step))
                 if groups is not None:
                     return {"groups": groups}
         finally:
@@ -205,26 +217,30 @@ def train(cfg_dict: dict) -> None:
         if frozen is not None:
             copy_weights(policy.model, frozen)
         schedule = LagSchedule.from_config(cfg.lag)
-        if ctx.is_coordinator:
-            coordinator = Coordinator(cfg, cfg_dict, schedule)
-        addr_port = broadcast_from_coordinator(
-            (cfg.fleet.weight_sync.master_addr, coordinator.store.port) if coordinator else None)
-        state = SyncState(*addr_port, num_stages=ctx.pp_size)
         guard = NonFiniteGuard(cfg.optim.max_consecutive_nonfinite)
         pad_id = 0
-        version, first_step = 0, 1
+        version, first_step, first_position = 0, 1, 0
         if resumed:
             first_step = resumed.get("step", 0) + 1
             version = resumed.get("policy_version", 0)
+            first_position = resumed.get("sampler_position", (first_step - 1) * cfg.fleet.prompts_per_step)
             guard.consecutive, guard.total = resumed.get("guard_consecutive", 0), resumed.get("guard_total", 0)
-            if coordinator:  # engines hold version 0: they are re-synced before any group is admitted
-                coordinator.buffer.current_version = version
+            if ctx.is_coordinator:
+                print(f"[oapl] resuming from {resumed['checkpoint_dir']}: step {first_step - 1}, policy version "
+                      f"{version}, sampler position {first_position}", flush=True)
+        if ctx.is_coordinator:
+            coordinator = Coordinator(cfg, cfg_dict, schedule, first_step, first_position)
+            # After a resume the engines hold version 0: they are re-synced before any group is admitted.
+            coordinator.buffer.current_version = version
+        addr_port = broadcast_from_coordinator(
+            (cfg.fleet.weight_sync.master_addr, coordinator.store.port) if coordinator else None)
+        state = SyncState(*addr_port, num_stages=ctx.pp_size)
         progress = _progress(cfg, first_step) if coordinator else None
         for step in range(first_step, cfg.optim.train_steps + 1):
             step_start = time.perf_counter()
             # 1. Rollouts of the current version (re-syncing restarted engines first).
             while True:
-                message = broadcast_from_coordinator(coordinator.next_message(version) if coordinator else None)
+                message = broadcast_from_coordinator(coordinator.next_message(step, version) if coordinator else None)
                 if "groups" in message:
                     break
                 rdvs = state.rendezvous(len(message["resync"]), cfg)
@@ -276,6 +292,8 @@ def train(cfg_dict: dict) -> None:
             if stopping or step == cfg.optim.train_steps or (every and step % every == 0):
                 checkpoints.save(step, policy, ctx, {
                     "step": step, "policy_version": version,
+                    # Work orders issued so far: the prompt stream and sampling seeds continue from here.
+                    "sampler_position": first_position + (step - first_step + 1) * cfg.fleet.prompts_per_step,
                     "guard_consecutive": guard.consecutive, "guard_total": guard.total})
             if stopping:
                 log.warning("stop requested by signal %s: checkpointed step %d, exiting", stop.signum, step)

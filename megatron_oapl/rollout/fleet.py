@@ -1,37 +1,39 @@
-"""The fleet: M engine processes that sample groups, score them and push them, version-tagged, to the
-coordinator over ZeroMQ; and the coordinator-side handle that starts, restarts and syncs them.
+"""The fleet: M engine processes that sample the groups the coordinator orders (rollout/orders.py), score
+them and push them, version-tagged, to the coordinator over ZeroMQ; and the coordinator-side handle that
+starts, restarts, syncs and deals orders to them.
 
 Channels (both ZeroMQ, both opened by the coordinator):
 - rollouts: engines PUSH pickled `RolloutGroup`s -> coordinator PULL. A small high-water mark gives
   back-pressure; engines send without blocking so that they keep answering control messages.
 - control: coordinator ROUTER <-> engine DEALER (identity = engine id): `hello` (engine -> coordinator,
-  on start), `sync` (coordinator -> engine: rendezvous of the weight groups and the new version),
-  `synced` (engine -> coordinator: applied or refused), `stop`.
+  on start), `orders` (coordinator -> engine: work orders to sample, in order), `sync` (coordinator ->
+  engine: rendezvous of the weight groups and the new version), `synced` (engine -> coordinator: applied
+  or refused), `stop`.
 
 An engine process that dies is restarted (up to `fleet.max_restarts` times each) from the initial
-weights at version 0; the coordinator then re-syncs it to the current version before its groups can be
-admitted (groups of an old version are dropped and counted by the buffer, never mixed).
+weights at version 0; its open orders go to the pool again, and the coordinator re-syncs it to the current
+version before it gets new orders (groups of an old version are dropped and counted by the buffer, never
+mixed).
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import dataclasses
 import os
 import pickle
-import random
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 
+from megatron_oapl.rollout.orders import Order
 from megatron_oapl.rollout.types import Prompt, RolloutGroup, SamplingParams
 
 log = logging.getLogger(__name__)
-
-_PROMPTS_PER_CALL = 4
-
 
 def build_engine(cfg, model_dir: str, engine_id: int):
     if cfg.fleet.engine == "torch":
@@ -45,21 +47,25 @@ def build_engine(cfg, model_dir: str, engine_id: int):
     raise ValueError(f"fleet.engine={cfg.fleet.engine!r} is not a known engine (allowed: torch, vllm)")
 
 
-class PromptSource:
-    """An endless, seeded, per-engine shuffled stream of training prompts, already tokenised."""
+class PromptTable:
+    """The training prompts an engine serves orders from, tokenised on first use."""
 
-    def __init__(self, cfg, tokenizer, engine_id: int, num_engines: int, generation: int):
+    def __init__(self, cfg, tokenizer):
         from megatron_oapl.data.prompts import load_prompts
+
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.prompts = load_prompts(cfg.data, "train")
+        self._ids: dict[int, list[int]] = {}
+
+    def get(self, index: int) -> tuple[Prompt, list[int]]:
         from megatron_oapl.data.templates import render_prompt
         from megatron_oapl.data.tokenizer import encode_prompt
 
-        prompts = load_prompts(cfg.data, "train")[engine_id::num_engines]
-        self.items = [(p, encode_prompt(tokenizer, render_prompt(tokenizer, cfg.data.chat_template, p.text)))
-                      for p in prompts]
-        self.rng = random.Random(hash((cfg.data.seed, engine_id, generation)) & 0xFFFFFFFF)
-
-    def next(self, count: int) -> list[tuple[Prompt, list[int]]]:
-        return [self.items[self.rng.randrange(len(self.items))] for _ in range(count)]
+        prompt = self.prompts[index]
+        if index not in self._ids:
+            text = render_prompt(self.tokenizer, self.cfg.data.chat_template, prompt.text)
+            self._ids[index] = encode_prompt(self.tokenizer, text)
+        return prompt, self._ids[index]
 
 
 def engine_main(engine_id: int, generation: int, cfg_dict: dict, model_dir: str,
@@ -84,7 +90,8 @@ def engine_main(engine_id: int, generation: int, cfg_dict: dict, model_dir: str,
     pid_file.write_text(str(os.getpid()))
     engine = build_engine(cfg, model_dir, engine_id)
     tokenizer = load_tokenizer(model_dir)
-    source = PromptSource(cfg, tokenizer, engine_id, cfg.fleet.num_engines, generation)
+    table = PromptTable(cfg, tokenizer)
+    queue: deque[Order] = deque()  # work orders not yet sampled
     scorer = RewardScorer(cfg.rewards)
     params = SamplingParams(
         n=cfg.fleet.group_size, temperature=cfg.fleet.temperature, top_p=cfg.fleet.top_p,
@@ -105,7 +112,13 @@ def engine_main(engine_id: int, generation: int, cfg_dict: dict, model_dir: str,
             msg = control.recv_pyobj()
             if msg["type"] == "stop":
                 return False
+            if msg["type"] == "orders":
+                queue.extend(msg["orders"])
             if msg["type"] == "sync":
+                # Orders of older versions belong to finished rounds (or were re-dealt): drop them.
+                kept = [o for o in queue if o.version >= msg["version"]]
+                queue.clear()
+                queue.extend(kept)
                 rdvs = [Rendezvous(**r) for r in msg["rendezvous"]]
                 reply = {"type": "synced", "engine": engine_id, "version": msg["version"], "error": None}
                 try:
@@ -122,23 +135,27 @@ def engine_main(engine_id: int, generation: int, cfg_dict: dict, model_dir: str,
 
     try:
         while handle_control():
-            chosen = source.next(_PROMPTS_PER_CALL)
-            version = engine.version
-            results = engine.generate([ids for _, ids in chosen], params)
-            for (prompt, ids), samples in zip(chosen, results):
-                for sample in samples:
-                    sample.reward = scorer.score(sample.text, prompt)
-                prompt_with_ids = Prompt(prompt.prompt_id, ids, prompt.text, prompt.answer, prompt.metadata)
-                group = RolloutGroup(prompt_with_ids, samples, version, params.temperature, params.top_p, engine_id)
-                payload = pickle.dumps(group)
-                while True:  # non-blocking send, so a sync request is never stuck behind back-pressure
-                    try:
-                        out.send(payload, zmq.NOBLOCK)
-                        break
-                    except zmq.Again:
-                        if not handle_control():
-                            return
-                        time.sleep(0.01)
+            if not queue:
+                control.poll(50)  # idle until the coordinator sends orders (or a sync, or stop)
+                continue
+            order = queue.popleft()
+            prompt, ids = table.get(order.prompt_index)
+            # One call per order with the order's own seed: the group does not depend on the engine,
+            # on batching, or on what the engine sampled before.
+            samples = engine.generate([ids], dataclasses.replace(params, seed=order.seed))[0]
+            for sample in samples:
+                sample.reward = scorer.score(sample.text, prompt)
+            group = RolloutGroup(Prompt(prompt.prompt_id, ids, prompt.text, prompt.answer, prompt.metadata),
+                                 samples, engine.version, params.temperature, params.top_p, engine_id, order.index)
+            payload = pickle.dumps(group)
+            while True:  # non-blocking send, so a sync request is never stuck behind back-pressure
+                try:
+                    out.send(payload, zmq.NOBLOCK)
+                    break
+                except zmq.Again:
+                    if not handle_control():
+                        return
+                    time.sleep(0.01)
     finally:
         engine.close()
         control.close(0)
@@ -235,6 +252,9 @@ class Fleet:
         polls this to abort instead of waiting for them)."""
         dead = [i for i in engine_ids if not self.engines[i].process.is_alive()]
         return f"engine(s) {dead} died" if dead else None
+
+    def send_orders(self, engine_id: int, orders: list[Order]) -> None:
+        self._send(engine_id, {"type": "orders", "orders": orders})
 
     def request_sync(self, engine_ids: list[int], version: int, rendezvous: list[dict]) -> None:
         """Tell engines to join the weight groups (engine k of the list is group rank k + 1)."""

@@ -48,6 +48,7 @@ class RolloutGroup:
     temperature: float
     top_p: float
     engine_id: int = 0
+    order_index: int = 0  # the work order it answers (rollout/orders.py): fixes its place in the batches
 
     @property
     def rewards(self) -> list[float]:

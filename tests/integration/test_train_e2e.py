@@ -23,11 +23,12 @@ def tiny_model(tmp_path_factory) -> Path:
     return out
 
 
-def oapl_train(model_dir: Path, run_dir: Path, *overrides: str) -> subprocess.Popen:
+def oapl_train(model_dir: Path, run_dir: Path, *overrides: str, start_new_session: bool = False) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "megatron_oapl.cli", "train", str(ROOT / "configs" / "tiny.yaml"),
            f"model.hf_path={model_dir}", f"run_dir={run_dir}", "data.num_eval_prompts=16", "data.num_train_prompts=500",
            "eval.num_samples=4", "fleet.prompts_per_step=4", *overrides]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=start_new_session)
 
 
 def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -91,3 +92,43 @@ def test_killed_engine_is_restarted_resynced_and_never_mixes_versions(tiny_model
     assert sorted(tb[M.LOSS]) == list(range(1, 41))
     assert all(v == 0 for v in tb[M.GROUP_LAG_MAX].values())
     assert sorted(tb[M.SYNC_SECONDS]) == list(range(2, 41, 2))
+
+
+def test_kill_9_then_resume_continues_the_same_trajectory(tiny_model, tmp_path):
+    """SIGKILL the whole run (coordinator, learners, engines) after its step-4 checkpoint, run `oapl train`
+    again on the same run directory: from step 5 on, loss, grad norm and rewards equal an uninterrupted
+    run's bit for bit. This holds because a step's groups are fixed by the step number (work orders:
+    prompt and sampling seed per order, rollout/orders.py), the engines are re-synced to the checkpoint's
+    weights, and the checkpoint holds the optimizer, RNG and sampler state. Checkpoints sit on sync
+    boundaries here (save_every a multiple of L): see docs/ARCHITECTURE.md for a mid-round checkpoint."""
+    import os
+    import signal
+    import time
+
+    args = ("optim.train_steps=12", "lag.sync_every=2", "checkpoint.save_every=4", "checkpoint.keep_last=3",
+            "fleet.num_engines=2")
+    reference = tmp_path / "reference"
+    finish(oapl_train(tiny_model, reference, *args), 600)
+
+    run_dir = tmp_path / "killed"
+    proc = oapl_train(tiny_model, run_dir, *args, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (run_dir / "checkpoints" / "step_4").is_dir() and (run_dir / "checkpoints" / "latest").is_file():
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: like a node failure
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    killed_at = max(scalars(run_dir).get(M.LOSS, {0: 0}))
+    out = finish(oapl_train(tiny_model, run_dir, *args), 600)
+    assert "resum" in out.lower(), out[-3000:]
+
+    expected, resumed = scalars(reference), scalars(run_dir)
+    for tag in (M.LOSS, M.GRAD_NORM, M.REWARD_MEAN, M.SEQUENCE_ENTROPY, M.POLICY_VERSION):
+        for step in range(5, 13):
+            assert resumed[tag][step] == expected[tag][step], (tag, step, killed_at)
