@@ -22,7 +22,7 @@ def test_tiny_loads_and_validates():
     assert cfg.model.preset == "llama" and cfg.model.hidden_size == 128
     assert cfg.parallel.tensor_model_parallel_size == 2
     assert cfg.algo.loss == "oapl" and cfg.algo.beta2 == 0.5
-    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == pytest.approx(1e-4)
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == pytest.approx(2e-5)
     assert cfg.data.task_kwargs["max_digits"] == 1 and cfg.data.task_kwargs["allow_negation"] is False
     assert cfg.precision.fp8.enabled is False
 
