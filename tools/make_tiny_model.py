@@ -12,6 +12,7 @@ warm start sees the same prompts the RL run will.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -21,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_oapl.checkpoint.convert import hf_config  # noqa: E402
 from megatron_oapl.config import load_config  # noqa: E402
 from megatron_oapl.data.prompts import load_prompts  # noqa: E402
 from megatron_oapl.data.templates import apply_template  # noqa: E402
@@ -92,16 +94,11 @@ def main() -> int:
     prompts = load_prompts(cfg.data, "train")
     texts = [apply_template(cfg.data.chat_template, p.text) + " " + str(p.answer) for p in prompts]
     tokenizer = train_sentencepiece_tokenizer(texts, out, vocab_size=args.vocab_size)
-    m = cfg.model
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
-        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-        num_key_value_heads=m.num_query_groups or m.num_attention_heads, max_position_embeddings=m.max_seq_length,
-        rms_norm_eps=m.norm_epsilon, rope_theta=m.rotary_base, tie_word_embeddings=m.tie_word_embeddings,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        initializer_range=m.init_method_std,
-    )
-    model = transformers.LlamaForCausalLM(config)
+    # The same HF config `oapl convert` writes for this model section, with the tokenizer's vocabulary.
+    config = hf_config(dataclasses.replace(cfg.model, vocab_size=len(tokenizer)), "fp32")
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    model = transformers.AutoModelForCausalLM.from_config(config)
     print(f"tiny Llama: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
     examples = build_examples(cfg, tokenizer)
     supervised_warm_start(model, examples, args.sft_steps, args.batch_size, args.lr, cfg.seed)
