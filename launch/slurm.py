@@ -192,10 +192,10 @@ def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fleet-sbatch-arg", action="append", default=[], metavar="ARG",
                    help="extra #SBATCH option for the fleet component (repeatable)")
     g.add_argument("--fleet-mode", choices=("local", "external"), default="local",
-                   help="local (default, this version): the coordinator starts the engines beside itself and "
-                        "the fleet step only records its placement; external: the fleet step runs "
-                        "`python -m megatron_oapl.rollout.fleet_node` on every fleet node (sets "
-                        "fleet.external=true; needs a version that has it)")
+                   help="external: the fleet step runs `python -m megatron_oapl.rollout.fleet_node` on every "
+                        "fleet node, whose engines serve the coordinator (sets fleet.external=true); local "
+                        "(default for now): the coordinator starts the engines beside itself and the fleet step "
+                        "only records its placement")
 
     g = p.add_argument_group("job")
     g.add_argument("--partition", help="partition of both components (per-component options win)")
@@ -644,7 +644,7 @@ def make_plan(args, cluster: ClusterInfo | None) -> Plan:
     warnings = []
     if args.fleet_mode == "local" and lg > 0 and fleet is not None:
         warnings.append("--fleet-mode=local: the engines run on the learner nodes beside the coordinator (the fleet "
-                        "nodes only record their placement) until megatron_oapl.rollout.fleet_node exists")
+                        "nodes only record their placement); --fleet-mode=external runs them on the fleet nodes")
     mounts = []
     if container:
         for path in dict.fromkeys(p for p in (workdir, run_dir, local_model) if p is not None):

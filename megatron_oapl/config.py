@@ -266,6 +266,10 @@ class FleetConfig:
     """Fraction of GPU memory vLLM may take (0 < x <= 1)."""
     max_restarts: int = 3
     """Restarts of a crashed engine before the run fails."""
+    external: bool = False
+    """Engines run under `python -m megatron_oapl.rollout.fleet_node` on other nodes (or jobs), which find the
+    coordinator through RUN_DIR/coordinator.json and restart their own engines; the coordinator then binds its
+    channels on fleet.weight_sync.master_addr. false = the coordinator spawns the engines beside itself."""
 
 
 @dataclass

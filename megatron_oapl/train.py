@@ -59,6 +59,8 @@ class Coordinator:
         self.store = WeightStoreServer(cfg.fleet.weight_sync.master_addr, cfg.fleet.weight_sync.master_port,
                                        cfg.fleet.weight_sync.timeout_s)
         self.fleet = Fleet(cfg, cfg_dict, cfg.model.hf_path)
+        if cfg.fleet.external:  # fleet nodes elsewhere find the channels and the weight store here
+            self.fleet.publish((cfg.fleet.weight_sync.master_addr, self.store.port))
         self.buffer = VersionedBuffer(schedule)
         self.writer = M.MetricsWriter(Path(cfg.run_dir) / "tensorboard", cfg.logging.tensorboard)
         self.wait_seconds = self.busy_seconds = 0.0
@@ -80,7 +82,7 @@ class Coordinator:
                 if stale:
                     self.resyncs += len(stale)
                     return {"resync": stale}
-                current = [i for i, h in self.fleet.engines.items() if h.version == version and h.process.is_alive()]
+                current = [i for i, h in self.fleet.engines.items() if h.version == version and h.is_alive()]
                 for engine_id, orders in self.orders.assign(current).items():
                     self.fleet.send_orders(engine_id, orders)
                 for group in self.fleet.poll_groups(100):

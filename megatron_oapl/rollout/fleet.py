@@ -166,29 +166,58 @@ def engine_main(engine_id: int, generation: int, cfg_dict: dict, model_dir: str,
 @dataclass
 class EngineProcess:
     engine_id: int
-    process: mp.Process
+    process: mp.Process | None  # None: an external engine (fleet_node on another node) we only hear from
     generation: int
     version: int = -1  # unknown until its hello
     restarts: int = 0
+    alive: bool = True  # external engines: False once their fleet node reports them dead
+
+    def is_alive(self) -> bool:
+        return self.process.is_alive() if self.process is not None else self.alive
+
+
+COORDINATOR_FILE = "coordinator.json"
 
 
 class Fleet:
-    """Coordinator-side handle of the engine processes."""
+    """Coordinator-side handle of the engines: local processes it spawns and restarts, or (with
+    fleet.external) engines run by `fleet_node` processes elsewhere that restart their own engines and
+    report deaths; both kinds say hello on (re)start and are re-synced before they get orders."""
 
     def __init__(self, cfg, cfg_dict: dict, model_dir: str, host: str = "127.0.0.1"):
         self.cfg, self.cfg_dict, self.model_dir = cfg, cfg_dict, model_dir
+        self.external = cfg.fleet.external
+        bind, advertise = ("*", cfg.fleet.weight_sync.master_addr) if self.external else (host, host)
         self.zctx = zmq.Context()
         self.rollouts = self.zctx.socket(zmq.PULL)
         self.rollouts.setsockopt(zmq.RCVHWM, 4)
-        port = self.rollouts.bind_to_random_port(f"tcp://{host}")
-        self.rollout_addr = f"tcp://{host}:{port}"
+        port = self.rollouts.bind_to_random_port(f"tcp://{bind}")
+        self.rollout_addr = f"tcp://{advertise}:{port}"
         self.control = self.zctx.socket(zmq.ROUTER)
-        port = self.control.bind_to_random_port(f"tcp://{host}")
-        self.control_addr = f"tcp://{host}:{port}"
+        port = self.control.bind_to_random_port(f"tcp://{bind}")
+        self.control_addr = f"tcp://{advertise}:{port}"
         self._mp = mp.get_context("spawn")
-        self.engines = {i: self._start(i, generation=0) for i in range(cfg.fleet.num_engines)}
         self.restarts_total = 0
         self.pending_replies: list[dict] = []
+        self._restarted_remotely: list[int] = []
+        if self.external:
+            self.engines = {i: EngineProcess(i, None, generation=-1) for i in range(cfg.fleet.num_engines)}
+        else:
+            self.engines = {i: self._start(i, generation=0) for i in range(cfg.fleet.num_engines)}
+
+    def publish(self, weight_store: tuple[str, int]) -> Path:
+        """Write RUN_DIR/coordinator.json (atomically) for external fleet nodes: where to connect."""
+        import json
+
+        path = Path(self.cfg.run_dir) / COORDINATOR_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({
+            "rollout_addr": self.rollout_addr, "control_addr": self.control_addr, "weight_store": list(weight_store),
+            "job_id": os.environ.get("SLURM_JOB_ID"), "restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
+        }))
+        os.replace(tmp, path)
+        return path
 
     def _start(self, engine_id: int, generation: int) -> EngineProcess:
         proc = self._mp.Process(
@@ -206,14 +235,31 @@ class Fleet:
             _, payload = self.control.recv_multipart()
             msg = pickle.loads(payload)
             handle = self.engines.get(msg["engine"])
-            if msg["type"] == "hello" and handle is not None and msg["generation"] == handle.generation:
+            if handle is None:
+                log.warning("message from unknown engine %s ignored (fleet.num_engines=%d)", msg["engine"],
+                            len(self.engines))
+            elif msg["type"] == "hello" and handle.process is None and msg["generation"] > handle.generation:
+                if handle.generation >= 0:  # its fleet node restarted it: weights of version 0 again
+                    handle.restarts += 1
+                    self.restarts_total += 1
+                    self._restarted_remotely.append(handle.engine_id)
+                handle.generation, handle.version, handle.alive = msg["generation"], msg["version"], True
+            elif msg["type"] == "hello" and msg["generation"] == handle.generation:
                 handle.version = msg["version"]
+            elif msg["type"] == "died" and msg["generation"] == handle.generation:
+                log.warning("engine %d died on its fleet node (exit code %s)", handle.engine_id, msg["exitcode"])
+                handle.alive = False
             elif msg["type"] == "synced":
                 self.pending_replies.append(msg)
             timeout_ms = 0
 
     def restart_dead(self) -> list[int]:
-        """Restart engines whose process died; returns their ids (they hold version 0 weights)."""
+        """Restart engines whose process died; returns their ids (they hold version 0 weights). External
+        engines are restarted by their fleet node: this returns those that said hello again."""
+        if self.external:
+            self._read_control(0)
+            restarted, self._restarted_remotely = self._restarted_remotely, []
+            return restarted
         restarted = []
         for engine_id, handle in list(self.engines.items()):
             if handle.process.is_alive():
@@ -245,12 +291,14 @@ class Fleet:
         """Engines alive and past start-up: the members of the next weight group (a restarted engine
         that is still starting joins through a re-sync instead)."""
         self._read_control(0)
-        return sorted(i for i, h in self.engines.items() if h.process.is_alive() and h.version >= 0)
+        return sorted(i for i, h in self.engines.items() if h.is_alive() and h.version >= 0)
 
     def dead_among(self, engine_ids: list[int]) -> str | None:
         """A message naming the engines of `engine_ids` whose process has died, or None (a weight push
         polls this to abort instead of waiting for them)."""
-        dead = [i for i in engine_ids if not self.engines[i].process.is_alive()]
+        if self.external:
+            self._read_control(0)  # deaths reported by fleet nodes
+        dead = [i for i in engine_ids if not self.engines[i].is_alive()]
         return f"engine(s) {dead} died" if dead else None
 
     def send_orders(self, engine_id: int, orders: list[Order]) -> None:
@@ -265,7 +313,7 @@ class Fleet:
         """Replies of the engines that confirmed (or refused) `version`; an engine that died meanwhile is
         left out (it is restarted and re-synced before any of its groups can be admitted)."""
         deadline, replies = time.monotonic() + timeout_s, {}
-        while len(replies) < len([i for i in engine_ids if self.engines[i].process.is_alive()]):
+        while len(replies) < len([i for i in engine_ids if self.engines[i].is_alive()]):
             self._read_control(100)
             for msg in list(self.pending_replies):
                 if msg["version"] == version and msg["engine"] in engine_ids:
@@ -291,9 +339,11 @@ class Fleet:
 
     def close(self) -> None:
         for engine_id, handle in self.engines.items():
-            if handle.process.is_alive():
+            if handle.is_alive():
                 self._send(engine_id, {"type": "stop"})
         for handle in self.engines.values():
+            if handle.process is None:
+                continue
             handle.process.join(timeout=10)
             if handle.process.is_alive():
                 handle.process.terminate()
@@ -301,3 +351,5 @@ class Fleet:
         self.rollouts.close(0)
         self.control.close(0)
         self.zctx.term()
+        if self.external:  # a fleet node started later must not connect to this run's dead addresses
+            (Path(self.cfg.run_dir) / COORDINATOR_FILE).unlink(missing_ok=True)

@@ -179,7 +179,7 @@ def test_dry_run_gpu_and_container_options_without_cluster(tmp_path, capsys):
     assert ("--container-image=/shared/img.sqsh --container-mounts="
             f"{ROOT}:{ROOT},/shared/runs/big:/shared/runs/big,/data:/data --container-workdir={ROOT}") in script
     assert "PYTHON=python\n" in script and "export NCCL_DEBUG" not in script
-    assert "warning: --fleet-mode=local" in out.err  # engines share the learner GPUs until fleet_node exists
+    assert "warning: --fleet-mode=local" in out.err  # local mode: engines share the learner GPUs
 
 
 def test_homogeneous_dry_run_splits_nodes(in_cluster, tmp_path, capsys):
@@ -288,6 +288,21 @@ def test_heterogeneous_job_runs_learners_and_fleet_on_separate_nodes(cluster, ti
     assert "[fleet] node node2" in (run_dir / "logs" / f"oapl-het-{job}-fleet.out").read_text()
 
 
+def test_external_fleet_runs_the_engines_on_the_fleet_node(cluster, tiny_model, tmp_path):
+    """--fleet-mode external: component 1 runs megatron_oapl.rollout.fleet_node, whose engines serve the
+    coordinator on the learner node through the addresses it published in RUN_DIR/coordinator.json."""
+    run_dir = tmp_path / "external"
+    job = launch(cluster, CONFIG, *TINY, f"model.hf_path={tiny_model}", f"run_dir={run_dir}", *HET,
+                 "--allow-local-paths", "--fleet-mode", "external", "--learner-time", "00:10:00")
+    info = assert_finished_run(cluster, job, run_dir, steps=6)
+    assert info["HetJobIdSet"], info
+    assert learner_node(run_dir) == "node1"
+    fleet_log = (run_dir / "logs" / f"oapl-external-{job}-fleet.out").read_text()
+    assert "[fleet] node node2 (index 0): engines [0]" in fleet_log, fleet_log
+    assert "engine 0 generation 0 started" in fleet_log
+    assert not (run_dir / "coordinator.json").exists()
+
+
 def test_homogeneous_fallback_runs(cluster, tiny_model, tmp_path):
     run_dir = tmp_path / "homog"
     job = launch(cluster, CONFIG, *TINY, f"model.hf_path={tiny_model}", f"run_dir={run_dir}", "--homogeneous",
@@ -325,11 +340,8 @@ def test_requeued_job_runs_to_completion(cluster, tiny_model, tmp_path):
     runs = loss_steps_per_run(run_dir)
     assert len(runs) == 2, runs  # the learners ran twice, each with its own TensorBoard file
     assert runs[-1][-1] == steps
-    # TODO(resume): enable once the loop resumes from RUN_DIR's checkpoint after a requeue (SIGTERM saves):
-    # the second run must start past step 1 instead of training from scratch.
-    RESUME_IMPLEMENTED = False
-    if RESUME_IMPLEMENTED:
-        assert runs[-1][0] > 1, f"the requeued run started from step {runs[-1][0]}: no resume; {runs}"
+    # The requeue's SIGTERM made the learners checkpoint; the second run resumed from it.
+    assert runs[-1][0] > 1, f"the requeued run started from step {runs[-1][0]}: no resume; {runs}"
 
 
 def test_time_limit_warning_is_forwarded_and_job_requeues_itself(cluster, tiny_model, tmp_path):

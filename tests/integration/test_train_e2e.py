@@ -132,3 +132,42 @@ def test_kill_9_then_resume_continues_the_same_trajectory(tiny_model, tmp_path):
     for tag in (M.LOSS, M.GRAD_NORM, M.REWARD_MEAN, M.SEQUENCE_ENTROPY, M.POLICY_VERSION):
         for step in range(5, 13):
             assert resumed[tag][step] == expected[tag][step], (tag, step, killed_at)
+
+
+def test_external_fleet_node_serves_the_run_and_restarts_its_engines(tiny_model, tmp_path):
+    """`fleet.external=true`: the coordinator only publishes RUN_DIR/coordinator.json; a separate
+    `python -m megatron_oapl.rollout.fleet_node` process (what the SLURM fleet step runs on each fleet node)
+    starts the two engines, restarts one that is SIGKILLed (reporting its death to the coordinator), and exits
+    0 when the coordinator stops the engines at the end."""
+    import os
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    args = ("optim.train_steps=30", "lag.sync_every=2", "fleet.num_engines=2", "fleet.external=true")
+    proc = oapl_train(tiny_model, run_dir, *args)
+    node = subprocess.Popen([sys.executable, "-m", "megatron_oapl.rollout.fleet_node", str(ROOT / "configs" / "tiny.yaml"),
+                             f"model.hf_path={tiny_model}", f"run_dir={run_dir}", "data.num_train_prompts=500",
+                             "fleet.prompts_per_step=4", *args, "--engines", "2"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if len(scalars(run_dir).get(M.LOSS, {}) if (run_dir / "tensorboard").is_dir() else {}) >= 6:
+                break
+            time.sleep(1)
+        assert proc.poll() is None, "the run ended before the engine could be killed"
+        os.kill(int((run_dir / "engines" / "engine-0.pid").read_text()), signal.SIGKILL)
+        out = finish(proc, 600)
+        node_out, _ = node.communicate(timeout=60)
+    finally:
+        for p in (proc, node):
+            if p.poll() is None:
+                p.kill()
+    assert node.returncode == 0, node_out[-3000:]
+    assert "engine 0 died" in node_out and "engine 0 generation 1 started" in node_out, node_out[-3000:]
+    tb = scalars(run_dir)
+    assert max(tb[M.ENGINE_RESTARTS].values()) == 1, out[-3000:]
+    assert sorted(tb[M.LOSS]) == list(range(1, 31))
+    assert all(v == 0 for v in tb[M.GROUP_LAG_MAX].values())
+    assert not (run_dir / "coordinator.json").exists()  # removed at the end: no stale addresses for a later node
