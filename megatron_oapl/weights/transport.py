@@ -16,6 +16,7 @@ timeout (`WeightGroup`). gloo on CPU, NCCL on GPU: the same code, two backends.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import time
@@ -182,6 +183,11 @@ def send_weights(
     stats = stats or SyncStats()
     start = time.perf_counter()
     for header, flat in pack_buckets(named_tensors, bucket_bytes, version):
+        if flat.device != group.device:
+            # Host tensors on an NCCL group: the engines checksum on the GPU (weighted sums, not the host's
+            # CRC-32), so the header must carry the checksum of the copy that goes on the wire.
+            flat = flat.to(group.device)
+            header = dataclasses.replace(header, checksum=checksum(flat))
         packed = time.perf_counter()
         stats.add("gather+pack", packed - start)
         send_bucket(group, header, flat)
