@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -74,8 +73,9 @@ class Coordinator:
         try:
             while True:
                 restarted = self.fleet.restart_dead()
-                for engine_id in restarted:
-                    self.orders.release(engine_id)  # its open orders are dealt again
+                for engine_id, handle in self.fleet.engines.items():
+                    if engine_id in restarted or not handle.is_alive():
+                        self.orders.release(engine_id)  # its open orders are dealt again
                 if restarted:
                     self.fleet.wait_ready(restarted, self.cfg.fleet.weight_sync.timeout_s)
                 stale = [i for i, h in self.fleet.engines.items() if 0 <= h.version != version]

@@ -18,9 +18,9 @@ mixed).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
-import dataclasses
 import os
 import pickle
 import time
@@ -34,6 +34,7 @@ from megatron_oapl.rollout.orders import Order
 from megatron_oapl.rollout.types import Prompt, RolloutGroup, SamplingParams
 
 log = logging.getLogger(__name__)
+
 
 def build_engine(cfg, model_dir: str, engine_id: int):
     if cfg.fleet.engine == "torch":
@@ -200,6 +201,7 @@ class Fleet:
         self.restarts_total = 0
         self.pending_replies: list[dict] = []
         self._restarted_remotely: list[int] = []
+        self._asked: dict[int, int] = {}  # engine id -> generation asked by the last request_sync
         if self.external:
             self.engines = {i: EngineProcess(i, None, generation=-1) for i in range(cfg.fleet.num_engines)}
         else:
@@ -306,14 +308,21 @@ class Fleet:
 
     def request_sync(self, engine_ids: list[int], version: int, rendezvous: list[dict]) -> None:
         """Tell engines to join the weight groups (engine k of the list is group rank k + 1)."""
+        self._asked = {i: self.engines[i].generation for i in engine_ids}  # who can answer this request
         for rank, engine_id in enumerate(engine_ids, start=1):
             self._send(engine_id, {"type": "sync", "version": version, "rendezvous": rendezvous, "rank": rank})
 
     def wait_synced(self, engine_ids: list[int], version: int, timeout_s: float) -> dict[int, dict]:
         """Replies of the engines that confirmed (or refused) `version`; an engine that died meanwhile is
-        left out (it is restarted and re-synced before any of its groups can be admitted)."""
+        left out (it is restarted and re-synced before any of its groups can be admitted). So is an engine
+        restarted meanwhile (a fleet node restarts its engines on its own): the new one was never asked."""
         deadline, replies = time.monotonic() + timeout_s, {}
-        while len(replies) < len([i for i in engine_ids if self.engines[i].is_alive()]):
+
+        def still_expected() -> list[int]:
+            return [i for i in engine_ids
+                    if self.engines[i].is_alive() and self.engines[i].generation == self._asked.get(i)]
+
+        while len(replies) < len(still_expected()):
             self._read_control(100)
             for msg in list(self.pending_replies):
                 if msg["version"] == version and msg["engine"] in engine_ids:
@@ -322,7 +331,7 @@ class Fleet:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"engines {sorted(set(engine_ids) - set(replies))} did not confirm version {version}")
         for engine_id, msg in replies.items():
-            if msg["error"] is None:
+            if msg["error"] is None and self.engines[engine_id].generation == self._asked.get(engine_id):
                 self.engines[engine_id].version = version
         return replies
 
