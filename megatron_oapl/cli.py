@@ -41,8 +41,15 @@ def _load(args):
 
 
 def _summary_line(before, after) -> str:
+    """The run's last line: pass@1 before -> after (each ± its standard error over prompts), then the gain
+    with its paired standard error (same prompts, so prompt difficulty cancels) and their ratio."""
+    from megatron_oapl.evaluation import paired_gain
+
+    gain, stderr = paired_gain(before, after)
+    ratio = f"{gain / stderr:+.1f}" if stderr > 0 else "n/a"
     return (f"pass@1: {before.pass_at_k[1]:.3f} ± {before.stderr[1]:.3f} -> "
-            f"{after.pass_at_k[1]:.3f} ± {after.stderr[1]:.3f}")
+            f"{after.pass_at_k[1]:.3f} ± {after.stderr[1]:.3f}  "
+            f"(gain {gain:+.3f} ± {stderr:.3f} paired, {ratio} SE)")
 
 
 def _train(args) -> int:
@@ -131,7 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse ends a nargs="*" positional at the first option, so overrides written after an option
+    # (`oapl eval CONFIG --model DIR eval.num_samples=16`) come back unparsed: they are overrides too.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

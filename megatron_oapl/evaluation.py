@@ -38,6 +38,17 @@ def report_from_counts(correct: list[int], n: int) -> EvalReport:
     return EvalReport(len(counts), n, values, errors, [int(c) for c in counts])
 
 
+def paired_gain(before: EvalReport, after: EvalReport) -> tuple[float, float]:
+    """pass@1 gain of `after` over `before` and its standard error, paired by prompt: both reports score the
+    same held-out prompts, so the per-prompt differences carry the noise (prompt difficulty cancels)."""
+    if before.num_prompts != after.num_prompts:
+        raise ValueError(f"paired_gain needs reports on the same prompts: {before.num_prompts} vs "
+                         f"{after.num_prompts} prompts")
+    diff = (np.asarray(after.correct) / after.num_samples) - (np.asarray(before.correct) / before.num_samples)
+    stderr = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    return float(diff.mean()), stderr
+
+
 def evaluate(cfg, model_dir: str, progress: bool = False) -> EvalReport:
     """Sample `eval.num_samples` completions per eval prompt with the light engine and score them."""
     from megatron_oapl.data.prompts import load_prompts

@@ -40,9 +40,9 @@ ENGINE_RESYNCS = "fleet/engine_resyncs_total"  # restarted engines brought to th
 
 # Throughput and timers.
 STEP_SECONDS = "time/step_seconds"
-WAIT_SECONDS = "time/wait_for_rollouts_seconds"  # learner idle, waiting on the fleet
+WAIT_SECONDS = "time/wait_for_rollouts_seconds"  # this step's learner idle time, waiting on the fleet
 TOKENS_PER_SECOND = "perf/tokens_per_second"
-IDLE_FRACTION = "perf/learner_idle_frac"
+IDLE_FRACTION = "perf/learner_idle_frac"  # run so far: time waiting on the fleet / time in steps
 
 # Evaluation.
 PASS_AT_K = "eval/pass@{k}"

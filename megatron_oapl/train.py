@@ -31,7 +31,7 @@ from megatron_oapl.learner.model import build_model, build_policy
 from megatron_oapl.learner.step import NonFiniteGuard, forward_logprobs, train_step
 from megatron_oapl.models.hf_config import resolve_model
 from megatron_oapl.models.hf_mapping import HFMapping
-from megatron_oapl.rollout.orders import OrderBook, PromptSampler
+from megatron_oapl.rollout.orders import OrderBook, PromptSampler, step_orders
 from megatron_oapl.schedule import LagSchedule, VersionedBuffer
 from megatron_oapl.weights.hf_io import hf_tensor_reader, save_hf_model
 from megatron_oapl.weights.reshard import iter_hf_tensors, load_hf_tensors
@@ -62,7 +62,8 @@ class Coordinator:
             self.fleet.publish((cfg.fleet.weight_sync.master_addr, self.store.port))
         self.buffer = VersionedBuffer(schedule)
         self.writer = M.MetricsWriter(Path(cfg.run_dir) / "tensorboard", cfg.logging.tensorboard)
-        self.wait_seconds = self.busy_seconds = 0.0
+        self.wait_seconds = self.busy_seconds = 0.0  # run totals (the idle fraction)
+        self.step_wait_seconds = 0.0  # this step's wait, reset when the step is logged
         self.resyncs = 0
         self.fleet.wait_ready(list(self.fleet.engines), timeout_s=cfg.fleet.weight_sync.timeout_s)
 
@@ -92,7 +93,9 @@ class Coordinator:
                 if groups is not None:
                     return {"groups": groups}
         finally:
-            self.wait_seconds += time.perf_counter() - start
+            waited = time.perf_counter() - start
+            self.wait_seconds += waited
+            self.step_wait_seconds += waited
 
     def request_sync(self, engine_ids: list[int], version: int, rdvs: list[Rendezvous]) -> None:
         self.fleet.request_sync(engine_ids, version, [r.to_dict() for r in rdvs])
@@ -295,7 +298,8 @@ def train(cfg_dict: dict) -> None:
                 checkpoints.save(step, policy, ctx, {
                     "step": step, "policy_version": version,
                     # Work orders issued so far: the prompt stream and sampling seeds continue from here.
-                    "sampler_position": first_position + (step - first_step + 1) * cfg.fleet.prompts_per_step,
+                    "sampler_position": step_orders(step, cfg.fleet.prompts_per_step, first_step,
+                                                    first_position).stop,
                     "guard_consecutive": guard.consecutive, "guard_total": guard.total})
             if stopping:
                 log.warning("stop requested by signal %s: checkpointed step %d, exiting", stop.signum, step)
@@ -330,11 +334,12 @@ def _log_step(coord: Coordinator, progress, step, version, groups, result, extra
         M.LOSS: result.loss, M.GRAD_NORM: result.grad_norm, M.LR: result.lr, M.SKIPPED_STEPS: guard.total,
         M.DROPPED_STALE: coord.buffer.dropped_stale, M.ENGINE_RESTARTS: coord.fleet.restarts_total,
         M.ENGINE_RESYNCS: coord.resyncs,
-        M.STEP_SECONDS: seconds, M.WAIT_SECONDS: coord.wait_seconds,
+        M.STEP_SECONDS: seconds, M.WAIT_SECONDS: coord.step_wait_seconds,
         M.TOKENS_PER_SECOND: result.num_tokens / max(seconds, 1e-9),
         M.IDLE_FRACTION: coord.wait_seconds / max(coord.busy_seconds, 1e-9),
         **extra,
     })
+    coord.step_wait_seconds = 0.0
     if step % coord.cfg.logging.log_every == 0:
         coord.writer.scalars(values, step)
     progress.set_postfix(v=version, reward=f"{values[M.REWARD_MEAN]:.2f}", acc=f"{values[M.ACCURACY]:.2f}",

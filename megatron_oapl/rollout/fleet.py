@@ -48,6 +48,25 @@ def build_engine(cfg, model_dir: str, engine_id: int):
     raise ValueError(f"fleet.engine={cfg.fleet.engine!r} is not a known engine (allowed: torch, vllm)")
 
 
+def spawn_engine(mp_ctx, engine_id: int, generation: int, cfg_dict: dict, model_dir: str, rollout_addr: str,
+                 control_addr: str, daemon: bool = False) -> mp.Process:
+    """Start `engine_main` in a spawned process (used by the coordinator's local fleet and by fleet_node)."""
+    proc = mp_ctx.Process(
+        target=engine_main, name=f"oapl-engine-{engine_id}", daemon=daemon,
+        args=(engine_id, generation, cfg_dict, model_dir, rollout_addr, control_addr),
+    )
+    proc.start()
+    return proc
+
+
+def restart_refusal(cfg, engine_id: int, restarts: int, exitcode: int | None) -> str | None:
+    """Why a dead engine must not be restarted (its fleet.max_restarts are used up), or None to restart."""
+    if restarts < cfg.fleet.max_restarts:
+        return None
+    return (f"engine {engine_id} died {restarts + 1} times (exit code {exitcode}); "
+            f"fleet.max_restarts={cfg.fleet.max_restarts} reached")
+
+
 class PromptTable:
     """The training prompts an engine serves orders from, tokenised on first use."""
 
@@ -222,11 +241,8 @@ class Fleet:
         return path
 
     def _start(self, engine_id: int, generation: int) -> EngineProcess:
-        proc = self._mp.Process(
-            target=engine_main, name=f"oapl-engine-{engine_id}", daemon=True,
-            args=(engine_id, generation, self.cfg_dict, self.model_dir, self.rollout_addr, self.control_addr),
-        )
-        proc.start()
+        proc = spawn_engine(self._mp, engine_id, generation, self.cfg_dict, self.model_dir, self.rollout_addr,
+                            self.control_addr, daemon=True)
         return EngineProcess(engine_id, proc, generation)
 
     def _send(self, engine_id: int, msg: dict) -> None:
@@ -266,11 +282,9 @@ class Fleet:
         for engine_id, handle in list(self.engines.items()):
             if handle.process.is_alive():
                 continue
-            if handle.restarts >= self.cfg.fleet.max_restarts:
-                raise RuntimeError(
-                    f"engine {engine_id} died {handle.restarts + 1} times (exit code {handle.process.exitcode}); "
-                    f"fleet.max_restarts={self.cfg.fleet.max_restarts} reached"
-                )
+            refusal = restart_refusal(self.cfg, engine_id, handle.restarts, handle.process.exitcode)
+            if refusal:
+                raise RuntimeError(refusal)
             log.warning("engine %d died (exit code %s); restarting", engine_id, handle.process.exitcode)
             new = self._start(engine_id, handle.generation + 1)
             new.restarts = handle.restarts + 1

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import zmq
 
-from megatron_oapl.rollout.fleet import COORDINATOR_FILE, engine_main
+from megatron_oapl.rollout.fleet import COORDINATOR_FILE, restart_refusal, spawn_engine
 
 log = logging.getLogger("oapl.fleet_node")
 
@@ -92,12 +92,8 @@ class FleetNode:
         if gpus is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = gpus
         try:  # a spawned child takes the environment as it is at start()
-            proc = self._mp.Process(
-                target=engine_main, name=f"oapl-engine-{engine_id}",
-                args=(engine_id, self.generation[engine_id], self.cfg_dict, self.cfg.model.hf_path,
-                      self.info["rollout_addr"], self.info["control_addr"]),
-            )
-            proc.start()
+            proc = spawn_engine(self._mp, engine_id, self.generation[engine_id], self.cfg_dict,
+                                self.cfg.model.hf_path, self.info["rollout_addr"], self.info["control_addr"])
         finally:
             if saved is None:
                 os.environ.pop("CUDA_VISIBLE_DEVICES", None)
@@ -118,9 +114,9 @@ class FleetNode:
                 continue
             self.control.send_pyobj({"type": "died", "engine": engine_id, "generation": self.generation[engine_id],
                                      "exitcode": proc.exitcode})
-            if self.restarts[engine_id] >= self.cfg.fleet.max_restarts:
-                print(f"[fleet] engine {engine_id} died {self.restarts[engine_id] + 1} times (exit code "
-                      f"{proc.exitcode}); fleet.max_restarts={self.cfg.fleet.max_restarts} reached", flush=True)
+            refusal = restart_refusal(self.cfg, engine_id, self.restarts[engine_id], proc.exitcode)
+            if refusal:
+                print(f"[fleet] {refusal}", flush=True)
                 return 1
             print(f"[fleet] engine {engine_id} died (exit code {proc.exitcode}); restarting", flush=True)
             self.restarts[engine_id] += 1

@@ -44,6 +44,13 @@ class PromptSampler:
         return self._perm[offset]
 
 
+def step_orders(step: int, prompts_per_step: int, start_step: int = 1, start_position: int = 0) -> range:
+    """The order indices of optimizer step `step` in a stream that was at `start_position` at `start_step`
+    (after step s, `step_orders(s, ...).stop` is the sampler position a checkpoint stores)."""
+    first = start_position + (step - start_step) * prompts_per_step
+    return range(first, first + prompts_per_step)
+
+
 def order_seed(run_seed: int, index: int) -> int:
     return random.Random(f"orders/{run_seed}/{index}").getrandbits(62)
 
@@ -64,8 +71,7 @@ class OrderBook:
 
     def indices(self, step: int) -> range:
         """The order indices whose groups make up optimizer step `step`."""
-        first = self.start_position + (step - self.start_step) * self.per_step
-        return range(first, first + self.per_step)
+        return step_orders(step, self.per_step, self.start_step, self.start_position)
 
     def plan_round(self, step: int, version: int) -> None:
         """Plan the orders of every step from `step` to the end of its lag round (idempotent)."""

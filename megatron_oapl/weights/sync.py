@@ -25,11 +25,16 @@ def push_weights(model_chunks: list, mapping: HFMapping, ctx, rdv: Rendezvous, v
         for _ in tensors:  # take part in the TP gathers; the stage's TP rank 0 sends
             pass
         return None
-    start = time.perf_counter()
-    group = WeightGroup(rdv, rank=0)
-    stats = SyncStats()
-    stats.add("connect", time.perf_counter() - start)
-    return send_weights(group, tensors, version, bucket_bytes, stats)
+    try:
+        start = time.perf_counter()
+        group = WeightGroup(rdv, rank=0)
+        stats = SyncStats()
+        stats.add("connect", time.perf_counter() - start)
+        return send_weights(group, tensors, version, bucket_bytes, stats)
+    except BaseException:
+        for _ in tensors:  # finish the TP gathers the stage's other ranks are waiting in, then fail
+            pass
+        raise
 
 
 def stage_rendezvous(addr: str, port: int, epoch: int, num_stages: int, num_engines: int,

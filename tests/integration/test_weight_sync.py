@@ -26,7 +26,11 @@ from megatron_oapl.weights.transport import (
 )
 from tests.support.distributed import run_ranks
 from tests.support.oapl_case import REF, run_config
-from tests.support.sync_workers import engine_receive_and_sample, learner_push_then_score
+from tests.support.sync_workers import (
+    engine_receive_and_sample,
+    learner_push_then_score,
+    learner_push_to_absent_engine,
+)
 
 
 def write_hf_model(path, seed: int) -> dict:
@@ -107,6 +111,19 @@ def test_flipped_byte_is_refused_and_old_weights_stay(tmp_path):
     assert result["version"] == 0
     for name, tensor in old.items():
         assert torch.equal(result["state"][name], tensor), name
+
+
+def test_failed_push_releases_the_other_tp_ranks(setup, tmp_path):
+    """TP=2: the stage's sender fails (its engine never joins); TP rank 1, which only takes part in the
+    gathers, must finish them and return instead of waiting in an all-gather the sender left."""
+    root, _ = setup
+    server = WeightStoreServer()
+    rdvs = stage_rendezvous("127.0.0.1", server.port, epoch=1, num_stages=1, num_engines=1,
+                            backend="gloo", timeout_s=3)
+    run_ranks(2, learner_push_to_absent_engine, run_config(tp=2, pp=1), str(root / "ref.pt"),
+              [r.to_dict() for r in rdvs], str(tmp_path))
+    assert torch.load(tmp_path / "rank0.pt").startswith("raised:")
+    assert torch.load(tmp_path / "rank1.pt") == "returned"
 
 
 @pytest.mark.parametrize("when", ["mid-stream", "before-joining"])

@@ -64,3 +64,23 @@ def learner_push_then_score(cfg_dict: dict, ref_state_path: str, rdvs: list[dict
                        Path(out_dir) / "result.pt")
     finally:
         destroy_distributed()
+
+
+def learner_push_to_absent_engine(cfg_dict: dict, ref_state_path: str, rdvs: list[dict], out_dir: str) -> None:
+    """Push into a group whose engine never joins: the stage's sender fails, and every rank must still
+    return (the other TP ranks are inside the TP gathers of the stream when it does)."""
+    from megatron_oapl.learner.distributed import destroy_distributed
+    from megatron_oapl.weights.sync import push_weights
+    from megatron_oapl.weights.transport import WeightSyncError
+    from tests.support.learner_workers import reference_policy
+
+    cfg, ctx, policy, mapping = reference_policy(cfg_dict, ref_state_path)
+    try:
+        try:
+            push_weights(policy.model, mapping, ctx, Rendezvous(**rdvs[ctx.pp_rank]), 1, 1 << 20)
+            outcome = "returned"
+        except WeightSyncError as err:
+            outcome = f"raised: {err}"
+        torch.save(outcome, Path(out_dir) / f"rank{ctx.rank}.pt")
+    finally:
+        destroy_distributed()

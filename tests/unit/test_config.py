@@ -22,7 +22,7 @@ def test_tiny_loads_and_validates():
     assert cfg.model.preset == "llama" and cfg.model.hidden_size == 128
     assert cfg.parallel.tensor_model_parallel_size == 2
     assert cfg.algo.loss == "oapl" and cfg.algo.beta2 == 0.5
-    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == pytest.approx(2e-5)
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == pytest.approx(1e-4)
     assert cfg.data.task_kwargs["max_digits"] == 1 and cfg.data.task_kwargs["allow_negation"] is False
     assert cfg.precision.fp8.enabled is False
 
@@ -233,3 +233,14 @@ def test_check_world_size():
     assert check_world_size(cfg, 4) == 2
     with pytest.raises(ConfigError, match=r"parallel.micro_batch_groups=4"):
         check_world_size(cfg, 16)  # 2 groups per rank
+
+
+def test_cli_takes_overrides_before_and_after_options(monkeypatch):
+    from megatron_oapl import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_eval", lambda args: seen.update(vars(args)) or 0)
+    cli.main(["eval", str(ROOT / "configs" / "tiny.yaml"), "eval.num_samples=4", "--model", "m", "data.seed=3"])
+    assert seen["overrides"] == ["eval.num_samples=4", "data.seed=3"] and seen["model"] == "m"
+    with pytest.raises(SystemExit):
+        cli.main(["eval", str(ROOT / "configs" / "tiny.yaml"), "--model", "m", "--bogus"])

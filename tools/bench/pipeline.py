@@ -43,9 +43,16 @@ def run(name: str, model: str, steps: int, out: Path, *overrides: str) -> dict:
     wall = time.perf_counter() - start
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
-    step_times = [e.value for e in acc.Scalars(M.STEP_SECONDS)][5:]  # skip start-up
-    idle = acc.Scalars(M.IDLE_FRACTION)[-1].value
-    return {"wall": wall, "step": statistics.median(step_times), "idle": idle}
+    def values(name: str) -> list[float]:
+        return [e.value for e in acc.Scalars(name)] if name in acc.Tags()["scalars"] else []
+
+    step_times = values(M.STEP_SECONDS)[5:]  # skip start-up
+    waits = values(M.WAIT_SECONDS)[5:]
+    syncs = values(M.SYNC_SECONDS)
+    return {"wall": wall, "step": statistics.median(step_times), "idle": values(M.IDLE_FRACTION)[-1],
+            # where a step's time goes (means over steps after start-up; sync spread over all steps)
+            "wait": statistics.fmean(waits), "sync": sum(syncs) / steps,
+            "train": statistics.fmean(step_times) - statistics.fmean(waits)}
 
 
 def main() -> int:
@@ -62,7 +69,9 @@ def main() -> int:
                              "algo.logp_lag_source=recompute"),
         }
     for name, r in results.items():
-        print(f"{name:>9}: wall {r['wall']:6.1f} s, median step {r['step'] * 1e3:6.0f} ms, learner idle {r['idle']:.1%}")
+        print(f"{name:>9}: wall {r['wall']:6.1f} s, median step {r['step'] * 1e3:6.0f} ms, learner idle "
+              f"{r['idle']:.1%}; per step: waiting {r['wait'] * 1e3:5.0f} ms, training+sync "
+              f"{r['train'] * 1e3:5.0f} ms (of which sync {r['sync'] * 1e3:4.0f} ms)")
     print(f"async/sync wall-clock: {results['async']['wall'] / results['sync']['wall']:.3f}")
     print(f"learner idle fraction (async): {results['async']['idle']:.3f}")
     print(f"recompute/engine step time: {results['recompute']['step'] / results['async']['step']:.3f}")
