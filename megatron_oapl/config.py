@@ -325,7 +325,9 @@ class LoggingConfig:
 @dataclass
 class EvalConfig:
     every: int = 0
-    """Evaluate every N optimizer steps; 0 = only at the start and the end."""
+    """During training the fleet evaluates the initial weights and, every N steps, the first version pushed
+    at or after that step, and logs eval/pass@k at the step of that push; 0 = no evaluation during
+    training (`oapl train` on one machine still evaluates before and after)."""
     num_samples: int = 8
     """n completions per eval prompt (pass@k for k <= n)."""
     temperature: float = 1.0

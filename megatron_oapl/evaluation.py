@@ -1,11 +1,15 @@
 """pass@k evaluation on held-out prompts: n samples per prompt, the unbiased estimator for k = 1..n,
-with the standard error over prompts; a JSON report and a PNG plot (before vs after)."""
+with the standard error over prompts; a JSON report and a PNG plot (before vs after).
+
+Two paths: `evaluate` samples an HF directory with the light engine in this process (`oapl eval`, and
+`oapl train`'s before/after on one machine); during training (eval.every > 0) the fleet's engines sample
+eval work orders and the coordinator tallies them in an `EvalRound` (rollout/orders.py)."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +40,28 @@ def report_from_counts(correct: list[int], n: int) -> EvalReport:
         values[k] = float(per_prompt.mean())
         errors[k] = float(per_prompt.std(ddof=1) / math.sqrt(len(counts))) if len(counts) > 1 else 0.0
     return EvalReport(len(counts), n, values, errors, [int(c) for c in counts])
+
+
+@dataclass
+class EvalRound:
+    """The evaluation of one policy version through the fleet (eval.every > 0): correct samples per
+    held-out prompt, as eval groups come back from the engines."""
+
+    version: int
+    step: int  # the optimizer step after which `version` was pushed (0: the initial weights)
+    num_prompts: int
+    num_samples: int
+    correct: dict[int, int] = field(default_factory=dict)
+
+    def add(self, group) -> None:
+        self.correct[group.order_index] = sum(r == 1.0 for r in group.rewards)
+
+    @property
+    def done(self) -> bool:
+        return len(self.correct) == self.num_prompts
+
+    def report(self) -> EvalReport:
+        return report_from_counts([self.correct[i] for i in range(self.num_prompts)], self.num_samples)
 
 
 def paired_gain(before: EvalReport, after: EvalReport) -> tuple[float, float]:

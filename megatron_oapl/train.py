@@ -7,6 +7,8 @@ processes, the versioned buffer, the lag schedule's bookkeeping, TensorBoard and
                 engines first) -> broadcast -> [recompute logp_lag] -> OAPL step through Megatron
     every L:    version += 1 -> every pipeline stage pushes its layers to every engine -> the buffer
                 drops all groups of older versions
+    eval.every: the fleet also samples the held-out prompts with the version just pushed; the
+                coordinator logs eval/pass@k before the next push
 
 Launch: `oapl train configs/tiny.yaml` spawns the learner ranks on this machine; under torchrun/srun
 (RANK set) `python -m megatron_oapl.train CONFIG` runs one rank.
@@ -25,6 +27,7 @@ import torch.distributed as dist
 from megatron_oapl import metrics as M
 from megatron_oapl.checkpoint import CheckpointManager, install_signal_handlers
 from megatron_oapl.config import from_dict, to_dict
+from megatron_oapl.evaluation import EvalRound
 from megatron_oapl.learner.batch import TrainBatch, build_batch
 from megatron_oapl.learner.distributed import destroy_distributed, init_distributed
 from megatron_oapl.learner.model import build_model, build_policy
@@ -32,6 +35,7 @@ from megatron_oapl.learner.step import NonFiniteGuard, forward_logprobs, train_s
 from megatron_oapl.models.hf_config import resolve_model
 from megatron_oapl.models.hf_mapping import HFMapping
 from megatron_oapl.rollout.orders import OrderBook, PromptSampler, step_orders
+from megatron_oapl.rollout.types import RolloutGroup
 from megatron_oapl.schedule import LagSchedule, VersionedBuffer
 from megatron_oapl.weights.hf_io import hf_tensor_reader, save_hf_model
 from megatron_oapl.weights.reshard import iter_hf_tensors, load_hf_tensors
@@ -62,34 +66,54 @@ class Coordinator:
             self.fleet.publish((cfg.fleet.weight_sync.master_addr, self.store.port))
         self.buffer = VersionedBuffer(schedule)
         self.writer = M.MetricsWriter(Path(cfg.run_dir) / "tensorboard", cfg.logging.tensorboard)
+        # eval.every > 0: the fleet evaluates pushed versions (one eval order per held-out prompt).
+        self.eval_prompts = len(load_prompts(cfg.data, "eval")) if cfg.eval.every else 0
+        self.eval_round: EvalRound | None = None
+        self.last_pass_at_1: float | None = None
         self.wait_seconds = self.busy_seconds = 0.0  # run totals (the idle fraction)
         self.step_wait_seconds = 0.0  # this step's wait, reset when the step is logged
         self.resyncs = 0
         self.fleet.wait_ready(list(self.fleet.engines), timeout_s=cfg.fleet.weight_sync.timeout_s)
 
-    def next_message(self, step: int, version: int) -> dict:
-        """Either engines to re-sync (restarted ones) or the groups of this step's work orders."""
+    def start_eval(self, version: int, step: int) -> None:
+        """Have the fleet evaluate `version` (pushed after `step`; 0: the initial weights)."""
+        if self.eval_prompts:
+            self.orders.plan_eval(version, self.eval_prompts)
+            self.eval_round = EvalRound(version, step, self.eval_prompts, self.cfg.eval.num_samples)
+
+    def _eval_group(self, group: RolloutGroup) -> None:
+        if self.eval_round is None or group.policy_version != self.eval_round.version:
+            raise RuntimeError(f"eval group of version {group.policy_version} for prompt {group.order_index}, but "
+                               f"the pending evaluation is {self.eval_round}: an eval order outlived its version")
+        if self.orders.delivered(("eval", group.order_index)):
+            self.eval_round.add(group)
+        if self.eval_round.done:
+            report = self.eval_round.report()
+            self.writer.scalars({M.pass_at(k): v for k, v in report.pass_at_k.items()}, self.eval_round.step)
+            self.last_pass_at_1, self.eval_round = report.pass_at_k[1], None
+
+    def next_message(self, step: int | None, version: int) -> dict:
+        """Either engines to re-sync (restarted ones) or the groups of this step's work orders (step None:
+        none). Before the step that ends a lag round, and with step None, the pending evaluation must be
+        complete too: the next push replaces the weights it samples."""
         start = time.perf_counter()
-        self.orders.plan_round(step, version)
+        if step is not None:
+            self.orders.plan_round(step, version)
+        finish_eval = step is None or self.schedule.sync_after(step)
         try:
             while True:
-                restarted = self.fleet.restart_dead()
-                for engine_id, handle in self.fleet.engines.items():
-                    if engine_id in restarted or not handle.is_alive():
-                        self.orders.release(engine_id)  # its open orders are dealt again
-                if restarted:
-                    self.fleet.wait_ready(restarted, self.cfg.fleet.weight_sync.timeout_s)
-                stale = [i for i, h in self.fleet.engines.items() if 0 <= h.version != version]
-                if stale:
+                stale, arrived = self.fleet.serve(self.orders, version)
+                if stale:  # restarted engines (version 0 weights): re-synced before they get orders
                     self.resyncs += len(stale)
                     return {"resync": stale}
-                current = [i for i, h in self.fleet.engines.items() if h.version == version and h.is_alive()]
-                for engine_id, orders in self.orders.assign(current).items():
-                    self.fleet.send_orders(engine_id, orders)
-                for group in self.fleet.poll_groups(100):
-                    if self.buffer.add(group):
-                        self.orders.delivered(group.order_index)
-                groups = self.buffer.take(self.orders.indices(step))
+                for group in arrived:
+                    if group.split == "eval":
+                        self._eval_group(group)
+                    elif self.buffer.add(group):
+                        self.orders.delivered(("train", group.order_index))
+                if finish_eval and self.eval_round is not None:
+                    continue
+                groups = [] if step is None else self.buffer.take(self.orders.indices(step))
                 if groups is not None:
                     return {"groups": groups}
         finally:
@@ -190,6 +214,24 @@ def push(policy, mapping, ctx, rdvs, version, cfg, state: SyncState, from_cache:
         log.warning("weight push of version %d (stage %d) failed: %s", version, ctx.pp_rank, err)
 
 
+def receive_groups(coordinator, step: int | None, version: int, policy, mapping, ctx, cfg, state: SyncState) -> list:
+    """The groups of `step` (None: none, only the pending evaluation), re-syncing restarted engines first.
+    Every rank calls it (re-syncs are collectives); the coordinator decides what happens."""
+    while True:
+        message = broadcast_from_coordinator(coordinator.next_message(step, version) if coordinator else None)
+        if "groups" in message:
+            return message["groups"]
+        rdvs = state.rendezvous(len(message["resync"]), cfg)
+        if coordinator:
+            coordinator.request_sync(message["resync"], version, rdvs)
+        # Re-syncs resend the last push (the learner has moved on since); before the first push of
+        # this process (start, resume) the current weights are this version's.
+        push(policy, mapping, ctx, rdvs, version, cfg, state, from_cache=state.pushed,
+             check_peers=coordinator.peer_check(message["resync"]) if coordinator else None)
+        if coordinator:
+            coordinator.finish_sync(message["resync"], version)
+
+
 def copy_weights(src_chunks, dst_chunks) -> None:
     with torch.no_grad():
         for src, dst in zip(src_chunks, dst_chunks):
@@ -241,23 +283,14 @@ def train(cfg_dict: dict) -> None:
             (cfg.fleet.weight_sync.master_addr, coordinator.store.port) if coordinator else None)
         state = SyncState(*addr_port, num_stages=ctx.pp_size)
         progress = _progress(cfg, first_step) if coordinator else None
+        if coordinator and first_step == 1:
+            coordinator.start_eval(version, step=0)  # eval.every > 0: the initial weights, logged at step 0
+        stopping = False
         for step in range(first_step, cfg.optim.train_steps + 1):
             step_start = time.perf_counter()
             # 1. Rollouts of the current version (re-syncing restarted engines first).
-            while True:
-                message = broadcast_from_coordinator(coordinator.next_message(step, version) if coordinator else None)
-                if "groups" in message:
-                    break
-                rdvs = state.rendezvous(len(message["resync"]), cfg)
-                if coordinator:
-                    coordinator.request_sync(message["resync"], version, rdvs)
-                # Re-syncs resend the last push (the learner has moved on since); before the first push of
-                # this process (start, resume) the current weights are this version's.
-                push(policy, mapping, ctx, rdvs, version, cfg, state, from_cache=state.pushed,
-                     check_peers=coordinator.peer_check(message["resync"]) if coordinator else None)
-                if coordinator:
-                    coordinator.finish_sync(message["resync"], version)
-            groups, consumed_version = message["groups"], version
+            groups = receive_groups(coordinator, step, version, policy, mapping, ctx, cfg, state)
+            consumed_version = version
             batch = batch_from_groups(groups, pad_id)
             # 2. logp_lag: the engine's, or recomputed with the last pushed weights.
             extra = {}
@@ -289,6 +322,8 @@ def train(cfg_dict: dict) -> None:
                     coordinator.finish_sync(engines, version)
                     extra[M.SYNC_SECONDS] = time.perf_counter() - sync_start
                     extra[M.SYNC_BYTES] = sum(t.numel() * t.element_size() for _, t in state.last_push or [])
+                    if cfg.eval.every and step // cfg.eval.every > (step - schedule.sync_every) // cfg.eval.every:
+                        coordinator.start_eval(version, step)  # this round crossed a multiple of eval.every
             if coordinator:
                 _log_step(coordinator, progress, step, consumed_version, groups, result, extra,
                           time.perf_counter() - step_start, guard)
@@ -304,6 +339,8 @@ def train(cfg_dict: dict) -> None:
             if stopping:
                 log.warning("stop requested by signal %s: checkpointed step %d, exiting", stop.signum, step)
                 break
+        if not stopping:  # the evaluation of the last pushed version, if one is pending
+            receive_groups(coordinator, None, version, policy, mapping, ctx, cfg, state)
         if progress:
             progress.close()
         _export_final(policy, mapping, ctx, cfg)
@@ -342,8 +379,10 @@ def _log_step(coord: Coordinator, progress, step, version, groups, result, extra
     coord.step_wait_seconds = 0.0
     if step % coord.cfg.logging.log_every == 0:
         coord.writer.scalars(values, step)
-    progress.set_postfix(v=version, reward=f"{values[M.REWARD_MEAN]:.2f}", acc=f"{values[M.ACCURACY]:.2f}",
-                         tok_s=f"{values[M.TOKENS_PER_SECOND]:.0f}", refresh=False)
+    postfix = {"v": version, "reward": f"{values[M.REWARD_MEAN]:.2f}", "acc": f"{values[M.ACCURACY]:.2f}"}
+    if coord.last_pass_at_1 is not None:  # the latest held-out evaluation (eval.every > 0)
+        postfix["pass@1"] = f"{coord.last_pass_at_1:.3f}"
+    progress.set_postfix(postfix, tok_s=f"{values[M.TOKENS_PER_SECOND]:.0f}", refresh=False)
     progress.update(1)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import zmq
 
-from megatron_oapl.rollout.orders import Order
+from megatron_oapl.rollout.orders import Order, OrderBook
 from megatron_oapl.rollout.types import Prompt, RolloutGroup, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,13 @@ def restart_refusal(cfg, engine_id: int, restarts: int, exitcode: int | None) ->
 
 
 class PromptTable:
-    """The training prompts an engine serves orders from, tokenised on first use."""
+    """The prompts of one split an engine serves orders from, tokenised on first use."""
 
-    def __init__(self, cfg, tokenizer):
+    def __init__(self, cfg, tokenizer, split: str = "train"):
         from megatron_oapl.data.prompts import load_prompts
 
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.prompts = load_prompts(cfg.data, "train")
+        self.prompts = load_prompts(cfg.data, split)
         self._ids: dict[int, list[int]] = {}
 
     def get(self, index: int) -> tuple[Prompt, list[int]]:
@@ -110,13 +110,16 @@ def engine_main(engine_id: int, generation: int, cfg_dict: dict, model_dir: str,
     pid_file.write_text(str(os.getpid()))
     engine = build_engine(cfg, model_dir, engine_id)
     tokenizer = load_tokenizer(model_dir)
-    table = PromptTable(cfg, tokenizer)
+    tables = {"train": PromptTable(cfg, tokenizer)}  # the eval table is loaded on the first eval order
     queue: deque[Order] = deque()  # work orders not yet sampled
     scorer = RewardScorer(cfg.rewards)
-    params = SamplingParams(
-        n=cfg.fleet.group_size, temperature=cfg.fleet.temperature, top_p=cfg.fleet.top_p,
-        max_new_tokens=cfg.fleet.max_new_tokens, stop_token_ids=tuple(stop_token_ids(tokenizer)),
-    )
+    stops = tuple(stop_token_ids(tokenizer))
+    params = {
+        "train": SamplingParams(n=cfg.fleet.group_size, temperature=cfg.fleet.temperature, top_p=cfg.fleet.top_p,
+                                max_new_tokens=cfg.fleet.max_new_tokens, stop_token_ids=stops),
+        "eval": SamplingParams(n=cfg.eval.num_samples, temperature=cfg.eval.temperature, top_p=cfg.fleet.top_p,
+                               max_new_tokens=cfg.fleet.max_new_tokens, stop_token_ids=stops),
+    }
     zctx = zmq.Context()
     control = zctx.socket(zmq.DEALER)
     control.setsockopt(zmq.IDENTITY, str(engine_id).encode())
@@ -159,14 +162,18 @@ def engine_main(engine_id: int, generation: int, cfg_dict: dict, model_dir: str,
                 control.poll(50)  # idle until the coordinator sends orders (or a sync, or stop)
                 continue
             order = queue.popleft()
-            prompt, ids = table.get(order.prompt_index)
+            if order.split not in tables:
+                tables[order.split] = PromptTable(cfg, tokenizer, order.split)
+            prompt, ids = tables[order.split].get(order.prompt_index)
+            sampling = dataclasses.replace(params[order.split], seed=order.seed)
             # One call per order with the order's own seed: the group does not depend on the engine,
             # on batching, or on what the engine sampled before.
-            samples = engine.generate([ids], dataclasses.replace(params, seed=order.seed))[0]
+            samples = engine.generate([ids], sampling)[0]
             for sample in samples:
                 sample.reward = scorer.score(sample.text, prompt)
             group = RolloutGroup(Prompt(prompt.prompt_id, ids, prompt.text, prompt.answer, prompt.metadata),
-                                 samples, engine.version, params.temperature, params.top_p, engine_id, order.index)
+                                 samples, engine.version, sampling.temperature, sampling.top_p, engine_id,
+                                 order.index, order.split)
             payload = pickle.dumps(group)
             while True:  # non-blocking send, so a sync request is never stuck behind back-pressure
                 try:
@@ -348,6 +355,24 @@ class Fleet:
             if msg["error"] is None and self.engines[engine_id].generation == self._asked.get(engine_id):
                 self.engines[engine_id].version = version
         return replies
+
+    def serve(self, book: OrderBook, version: int, timeout_ms: int = 100) -> tuple[list[int], list[RolloutGroup]]:
+        """One turn of dealing: restart dead engines (their open orders go back to the pool), deal open
+        orders to the live engines that hold `version`, collect the groups that arrived. Returns (engines
+        holding another version, which must be re-synced before anything else, groups)."""
+        restarted = self.restart_dead()
+        for engine_id, handle in self.engines.items():
+            if engine_id in restarted or not handle.is_alive():
+                book.release(engine_id)  # its open orders are dealt again
+        if restarted:
+            self.wait_ready(restarted, self.cfg.fleet.weight_sync.timeout_s)
+        stale = [i for i, h in self.engines.items() if 0 <= h.version != version]
+        if stale:
+            return stale, []
+        current = [i for i, h in self.engines.items() if h.version == version and h.is_alive()]
+        for engine_id, orders in book.assign(current).items():
+            self.send_orders(engine_id, orders)
+        return [], self.poll_groups(timeout_ms)
 
     def poll_groups(self, timeout_ms: int) -> list[RolloutGroup]:
         groups = []

@@ -9,6 +9,11 @@ at step s continues the same stream at order s * P (the "sampler position").
 
 Engines sample every order with its own seed (one generate call per order), so a group is the same
 whichever engine produces it.
+
+Evaluation goes through the same book: with eval.every > 0 the coordinator plans one "eval" order per
+held-out prompt for a freshly pushed version; they are dealt after the round's training orders and
+must all come back before the next push (an engine drops orders of older versions when it syncs).
+Orders are keyed by (split, index): eval prompt i is ("eval", i) whatever the version.
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ class Order:
     prompt_index: int  # into the training prompts
     seed: int  # sampling seed of this group
     version: int  # the policy version that must sample it
+    split: str = "train"  # "train": a training group; "eval": pass@k samples of a held-out prompt
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.split, self.index
 
 
 class PromptSampler:
@@ -51,8 +61,11 @@ def step_orders(step: int, prompts_per_step: int, start_step: int = 1, start_pos
     return range(first, first + prompts_per_step)
 
 
-def order_seed(run_seed: int, index: int) -> int:
-    return random.Random(f"orders/{run_seed}/{index}").getrandbits(62)
+def order_seed(run_seed: int, index: int, split: str = "train") -> int:
+    """Sampling seed of an order. Eval prompt i gets the same seed at every version, so evaluations of
+    successive versions differ by the policy, not by the draw."""
+    prefix = "orders" if split == "train" else split
+    return random.Random(f"{prefix}/{run_seed}/{index}").getrandbits(62)
 
 
 class OrderBook:
@@ -65,8 +78,8 @@ class OrderBook:
         self.sampler, self.run_seed = sampler, run_seed
         self.per_step, self.sync_every = prompts_per_step, sync_every
         self.start_step, self.start_position = start_step, start_position
-        self.open: dict[int, Order] = {}  # planned, not yet delivered
-        self.holder: dict[int, int] = {}  # order index -> engine id it was sent to
+        self.open: dict[tuple[str, int], Order] = {}  # planned, not yet delivered
+        self.holder: dict[tuple[str, int], int] = {}  # order key -> engine id it was sent to
         self.planned_until = start_position  # exclusive end of the planned index range
 
     def indices(self, step: int) -> range:
@@ -79,11 +92,23 @@ class OrderBook:
         start = max(self.planned_until, self.indices(step).start)
         end = self.indices(round_end).stop
         for index in range(start, end):
-            self.open[index] = Order(index, self.sampler.prompt_index(index), order_seed(self.run_seed, index), version)
+            order = Order(index, self.sampler.prompt_index(index), order_seed(self.run_seed, index), version)
+            self.open[order.key] = order
         self.planned_until = max(self.planned_until, end)
 
+    def plan_eval(self, version: int, num_prompts: int) -> None:
+        """One eval order per held-out prompt, to be sampled by `version`."""
+        for i in range(num_prompts):
+            order = Order(i, i, order_seed(self.run_seed, i, "eval"), version, "eval")
+            self.open[order.key] = order
+
+    def open_evals(self) -> int:
+        return sum(split == "eval" for split, _ in self.open)
+
     def unassigned(self) -> list[Order]:
-        return [o for i, o in sorted(self.open.items()) if i not in self.holder]
+        """Orders not dealt yet: training orders first (the learner waits on them), then eval orders."""
+        return sorted((o for k, o in self.open.items() if k not in self.holder),
+                      key=lambda o: (o.split != "train", o.index))
 
     def assign(self, engine_ids: list[int]) -> dict[int, list[Order]]:
         """Deal every unassigned order round-robin over `engine_ids` (up to date engines)."""
@@ -93,13 +118,13 @@ class OrderBook:
         for k, order in enumerate(self.unassigned()):
             engine = engine_ids[k % len(engine_ids)]
             deal[engine].append(order)
-            self.holder[order.index] = engine
+            self.holder[order.key] = engine
         return {e: orders for e, orders in deal.items() if orders}
 
-    def delivered(self, index: int) -> bool:
-        """A group for order `index` arrived; False if it was not open (a duplicate or unknown)."""
-        self.holder.pop(index, None)
-        return self.open.pop(index, None) is not None
+    def delivered(self, key: tuple[str, int]) -> bool:
+        """A group for order `key` arrived; False if it was not open (a duplicate or unknown)."""
+        self.holder.pop(key, None)
+        return self.open.pop(key, None) is not None
 
     def release(self, engine_id: int) -> int:
         """Engine `engine_id` died or was re-synced (dropping its queue): its open orders go back to the

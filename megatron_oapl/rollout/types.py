@@ -49,6 +49,7 @@ class RolloutGroup:
     top_p: float
     engine_id: int = 0
     order_index: int = 0  # the work order it answers (rollout/orders.py): fixes its place in the batches
+    split: str = "train"  # "eval": pass@k samples of held-out prompt `order_index`, never trained on
 
     @property
     def rewards(self) -> list[float]:

@@ -45,7 +45,7 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
 
 def test_short_run_syncs_on_schedule_and_logs(tiny_model, tmp_path):
     run_dir = tmp_path / "run"
-    out = finish(oapl_train(tiny_model, run_dir, "optim.train_steps=6", "lag.sync_every=2"), 600)
+    out = finish(oapl_train(tiny_model, run_dir, "optim.train_steps=6", "lag.sync_every=2", "eval.every=3"), 600)
     assert out.strip().splitlines()[-1].startswith("pass@1: ")
     tb = scalars(run_dir)
     assert sorted(tb[M.SYNC_SECONDS]) == [2, 4, 6]  # syncs exactly after steps L, 2L, 3L
@@ -53,6 +53,11 @@ def test_short_run_syncs_on_schedule_and_logs(tiny_model, tmp_path):
     assert all(v == 0 for v in tb[M.GROUP_LAG_MAX].values())  # no consumed group of an older version
     assert tb[M.POLICY_VERSION] == {1: 0, 2: 0, 3: 1, 4: 1, 5: 2, 6: 2}  # version of the consumed groups
     assert tb[M.SYNC_BYTES][2] > 0 and M.LOGP_GAP in tb and M.TOKENS_PER_SECOND in tb
+    # eval.every=3: the fleet evaluated the initial weights (step 0), the first pushes at or after steps 3
+    # and 6 (after steps 4 and 6; the last one after the final step, before the run ended).
+    assert sorted(tb[M.pass_at(1)]) == [0, 4, 6] and sorted(tb[M.pass_at(4)]) == [0, 4, 6]
+    assert all(0 <= tb[M.pass_at(1)][s] <= tb[M.pass_at(4)][s] <= 1 for s in (0, 4, 6))
+    assert "pass@1=" in out  # the progress line shows the latest evaluation
     # The final model is an HF directory transformers loads; the eval report and plot exist.
     import transformers
 

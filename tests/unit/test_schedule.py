@@ -66,13 +66,21 @@ def test_orders_depend_only_on_the_step():
     a, b = book(), book()
     a.plan_round(step=1, version=0)  # steps 1-3 -> orders 0..5
     b.plan_round(step=2, version=0)  # a resume at step 2 plans orders 2..5, identical to a's
-    assert sorted(a.open) == list(range(6)) and sorted(b.open) == list(range(2, 6))
-    assert all(a.open[i] == b.open[i] for i in b.open)
+    assert sorted(a.open) == [("train", i) for i in range(6)] and sorted(b.open) == [("train", i) for i in range(2, 6)]
+    assert all(a.open[k] == b.open[k] for k in b.open)
     # Each epoch of the sampler visits every prompt once.
     sampler = PromptSampler(num_prompts=7, seed=3)
     assert sorted(sampler.prompt_index(i) for i in range(7, 14)) == list(range(7))
     # Dealing and re-dealing: an engine's open orders return to the pool when it dies.
     deal = a.assign([0, 1])
     assert [o.index for o in deal[0]] == [0, 2, 4] and [o.index for o in deal[1]] == [1, 3, 5]
-    assert a.delivered(1) and not a.delivered(1)
+    assert a.delivered(("train", 1)) and not a.delivered(("train", 1))
     assert a.release(1) == 2 and [o.index for o in a.unassigned()] == [3, 5]
+    # Eval orders share the book: dealt after training orders, same seed for a prompt at every version.
+    a.plan_eval(version=1, num_prompts=3)
+    assert [(o.split, o.index) for o in a.unassigned()] == [("train", 3), ("train", 5), ("eval", 0), ("eval", 1),
+                                                             ("eval", 2)]
+    assert a.open_evals() == 3
+    b.plan_eval(version=4, num_prompts=3)
+    assert [b.open[("eval", i)].seed for i in range(3)] == [a.open[("eval", i)].seed for i in range(3)]
+    assert len({a.open[("eval", i)].seed for i in range(3)}) == 3

@@ -37,7 +37,7 @@ def run(name: str, model: str, steps: int, out: Path, *overrides: str) -> dict:
            "from megatron_oapl.launcher import spawn_learners; from megatron_oapl.models.hf_config import resolve_model; "
            "spawn_learners(resolve_model(load_config(sys.argv[1], tuple(sys.argv[2:]))))",
            str(ROOT / "configs" / "tiny.yaml"), f"model.hf_path={model}", f"run_dir={run_dir}",
-           f"optim.train_steps={steps}", *overrides]
+           f"optim.train_steps={steps}", "eval.every=0", *overrides]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - start
