@@ -96,6 +96,23 @@ def _eval(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    from megatron_oapl.config import to_dict
+    from megatron_oapl.rollout.dataset import generate
+
+    cfg = _load(args)
+    steps = cfg.optim.train_steps if args.steps is None else args.steps
+    if steps < 1:
+        raise SystemExit(f"error: --steps={steps} must be >= 1")
+    if cfg.fleet.external:
+        raise SystemExit("error: fleet.external=true: `oapl generate` starts its own engines on this machine "
+                         "(allowed: false)")
+    out = generate(cfg, to_dict(cfg), args.out, steps)
+    print(f"wrote {steps * cfg.fleet.prompts_per_step} groups ({steps} steps x fleet.prompts_per_step="
+          f"{cfg.fleet.prompts_per_step}) sampled by {cfg.model.hf_path} to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="oapl",
@@ -128,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="HF model directory (default: model.hf_path)")
     ev.add_argument("--out", help="report directory (default: RUN_DIR/eval)")
     ev.set_defaults(func=_eval)
+
+    gen = sub.add_parser(
+        "generate", help="sample an offline rollout dataset with the fleet (for lag.mode=offline)",
+        description="Sample the work orders of steps 1..N with model.hf_path on the fleet and write them as "
+        "JSONL; train on them with lag.mode=offline lag.offline_dataset=PATH (one OAPL round, no pushes).",
+    )
+    gen.add_argument("config", help="YAML run config (model, data, fleet sections are used)")
+    gen.add_argument("overrides", nargs="*", help="dotted overrides, e.g. fleet.num_engines=4")
+    gen.add_argument("--out", required=True, help="JSONL file to write")
+    gen.add_argument("--steps", type=int, help="optimizer steps to cover (default: optim.train_steps)")
+    gen.set_defaults(func=_generate)
 
     from launch.slurm import add_launch_parser
     from megatron_oapl.checkpoint.convert import add_convert_parser

@@ -219,10 +219,11 @@ class LagConfig:
     """How many policy versions older than the current one are still admitted (0 = only the current
     version, as in the paper; older groups are dropped and counted)."""
     mode: str = "online"
-    """online (the fleet samples while the learner trains) | offline (a pre-generated dataset stands in
-    for the fleet for a round)."""
+    """online (the fleet samples while the learner trains) | offline (a dataset written by `oapl generate`
+    stands in for the fleet: one round as long as the run, no weight pushes; steps beyond the dataset
+    reuse it in order)."""
     offline_dataset: str | None = None
-    """Path of the pre-generated rollout dataset; required when mode=offline."""
+    """JSONL rollout dataset (`oapl generate CONFIG --out PATH`); required when mode=offline."""
 
 
 @dataclass
@@ -762,7 +763,10 @@ def validate(cfg: RunConfig, check_hardware: bool = True) -> None:
                       f"{m.max_seq_length} (the prompt needs at least one token)")
     if cfg.lag.mode == "offline" and not cfg.lag.offline_dataset:
         errors.append("lag.offline_dataset=null must be set when lag.mode='offline' "
-                      "(allowed: a path to a pre-generated rollout dataset)")
+                      "(allowed: a JSONL rollout dataset written by `oapl generate`)")
+    if cfg.lag.mode == "offline" and cfg.eval.every:
+        errors.append(f"eval.every={cfg.eval.every} needs the fleet, and lag.mode='offline' runs none "
+                      "(allowed: 0; `oapl train` still evaluates before and after, `oapl eval` any HF directory)")
     if cfg.data.source in ("jsonl", "parquet") and not cfg.data.path:
         errors.append(f"data.path=null must be set when data.source={_fmt(cfg.data.source)} "
                       f"(allowed: a {cfg.data.source} file or directory)")

@@ -9,6 +9,8 @@ processes, the versioned buffer, the lag schedule's bookkeeping, TensorBoard and
                 drops all groups of older versions
     eval.every: the fleet also samples the held-out prompts with the version just pushed; the
                 coordinator logs eval/pass@k before the next push
+    offline:    (lag.mode=offline) the groups come from a dataset `oapl generate` wrote, in order; no
+                fleet, no pushes: one round as long as the run
 
 Launch: `oapl train configs/tiny.yaml` spawns the learner ranks on this machine; under torchrun/srun
 (RANK set) `python -m megatron_oapl.train CONFIG` runs one rank.
@@ -34,6 +36,7 @@ from megatron_oapl.learner.model import build_model, build_policy
 from megatron_oapl.learner.step import NonFiniteGuard, forward_logprobs, train_step
 from megatron_oapl.models.hf_config import resolve_model
 from megatron_oapl.models.hf_mapping import HFMapping
+from megatron_oapl.rollout.dataset import read_groups
 from megatron_oapl.rollout.orders import OrderBook, PromptSampler, step_orders
 from megatron_oapl.rollout.types import RolloutGroup
 from megatron_oapl.schedule import LagSchedule, VersionedBuffer
@@ -59,11 +62,19 @@ class Coordinator:
         sampler = PromptSampler(len(load_prompts(cfg.data, "train")), cfg.data.seed)
         self.orders = OrderBook(sampler, cfg.seed, cfg.fleet.prompts_per_step, schedule.sync_every,
                                 start_step, start_position)
-        self.store = WeightStoreServer(cfg.fleet.weight_sync.master_addr, cfg.fleet.weight_sync.master_port,
-                                       cfg.fleet.weight_sync.timeout_s)
-        self.fleet = Fleet(cfg, cfg_dict, cfg.model.hf_path)
-        if cfg.fleet.external:  # fleet nodes elsewhere find the channels and the weight store here
-            self.fleet.publish((cfg.fleet.weight_sync.master_addr, self.store.port))
+        self.replay: list[RolloutGroup] | None = None  # lag.mode=offline: a dataset stands in for the fleet
+        self.store = self.fleet = None
+        if cfg.lag.mode == "offline":
+            self.replay = read_groups(cfg.lag.offline_dataset, cfg.fleet)
+            steps = len(self.replay) // cfg.fleet.prompts_per_step
+            print(f"[oapl] offline round: {len(self.replay)} groups from {cfg.lag.offline_dataset} ({steps} steps; "
+                  "later steps reuse them in the same order), no weight pushes", flush=True)
+        else:
+            self.store = WeightStoreServer(cfg.fleet.weight_sync.master_addr, cfg.fleet.weight_sync.master_port,
+                                           cfg.fleet.weight_sync.timeout_s)
+            self.fleet = Fleet(cfg, cfg_dict, cfg.model.hf_path)
+            if cfg.fleet.external:  # fleet nodes elsewhere find the channels and the weight store here
+                self.fleet.publish((cfg.fleet.weight_sync.master_addr, self.store.port))
         self.buffer = VersionedBuffer(schedule)
         self.writer = M.MetricsWriter(Path(cfg.run_dir) / "tensorboard", cfg.logging.tensorboard)
         # eval.every > 0: the fleet evaluates pushed versions (one eval order per held-out prompt).
@@ -73,7 +84,8 @@ class Coordinator:
         self.wait_seconds = self.busy_seconds = 0.0  # run totals (the idle fraction)
         self.step_wait_seconds = 0.0  # this step's wait, reset when the step is logged
         self.resyncs = 0
-        self.fleet.wait_ready(list(self.fleet.engines), timeout_s=cfg.fleet.weight_sync.timeout_s)
+        if self.fleet:
+            self.fleet.wait_ready(list(self.fleet.engines), timeout_s=cfg.fleet.weight_sync.timeout_s)
 
     def start_eval(self, version: int, step: int) -> None:
         """Have the fleet evaluate `version` (pushed after `step`; 0: the initial weights)."""
@@ -96,6 +108,9 @@ class Coordinator:
         """Either engines to re-sync (restarted ones) or the groups of this step's work orders (step None:
         none). Before the step that ends a lag round, and with step None, the pending evaluation must be
         complete too: the next push replaces the weights it samples."""
+        if self.replay is not None:  # offline: order i is line i % N of the dataset
+            indices = [] if step is None else self.orders.indices(step)
+            return {"groups": [self.replay[i % len(self.replay)] for i in indices]}
         start = time.perf_counter()
         if step is not None:
             self.orders.plan_round(step, version)
@@ -136,7 +151,8 @@ class Coordinator:
         return {"evicted": evicted, "seconds": max((r.get("seconds", 0.0) for r in replies.values()), default=0.0)}
 
     def close(self) -> None:
-        self.fleet.close()
+        if self.fleet:
+            self.fleet.close()
         self.writer.close()
 
 
@@ -279,8 +295,10 @@ def train(cfg_dict: dict) -> None:
             coordinator = Coordinator(cfg, cfg_dict, schedule, first_step, first_position)
             # After a resume the engines hold version 0: they are re-synced before any group is admitted.
             coordinator.buffer.current_version = version
+        offline = cfg.lag.mode == "offline"  # one round on a dataset: no fleet, no pushes, version 0 throughout
         addr_port = broadcast_from_coordinator(
-            (cfg.fleet.weight_sync.master_addr, coordinator.store.port) if coordinator else None)
+            (cfg.fleet.weight_sync.master_addr, coordinator.store.port if coordinator.store else 0)
+            if coordinator else None)
         state = SyncState(*addr_port, num_stages=ctx.pp_size)
         progress = _progress(cfg, first_step) if coordinator else None
         if coordinator and first_step == 1:
@@ -301,12 +319,13 @@ def train(cfg_dict: dict) -> None:
             # 3. The OAPL step.
             result = train_step(policy, batch, cfg, ctx, step)
             guard.update(result.skipped, step)
-            if frozen is None and (step - 1) % schedule.sync_every == 0 and "abs_log_ratio_mean" in result.metrics:
+            round_start = step == 1 if offline else (step - 1) % schedule.sync_every == 0
+            if frozen is None and round_start and "abs_log_ratio_mean" in result.metrics:
                 # First step of a round: pi_theta still equals the pushed weights, so the log-ratio
                 # against the engine's log-probs is exactly the engine-learner gap.
                 extra[M.LOGP_GAP] = result.metrics["abs_log_ratio_mean"]
             # 4. Every L steps: new version, pushed to every engine; older groups are dropped.
-            if schedule.sync_after(step):
+            if not offline and schedule.sync_after(step):
                 version += 1
                 sync_start = time.perf_counter()
                 engines = coordinator.fleet.ready_engines() if coordinator else None
@@ -369,7 +388,8 @@ def _log_step(coord: Coordinator, progress, step, version, groups, result, extra
     coord.busy_seconds += seconds
     values.update({
         M.LOSS: result.loss, M.GRAD_NORM: result.grad_norm, M.LR: result.lr, M.SKIPPED_STEPS: guard.total,
-        M.DROPPED_STALE: coord.buffer.dropped_stale, M.ENGINE_RESTARTS: coord.fleet.restarts_total,
+        M.DROPPED_STALE: coord.buffer.dropped_stale,
+        M.ENGINE_RESTARTS: coord.fleet.restarts_total if coord.fleet else 0,
         M.ENGINE_RESYNCS: coord.resyncs,
         M.STEP_SECONDS: seconds, M.WAIT_SECONDS: coord.step_wait_seconds,
         M.TOKENS_PER_SECOND: result.num_tokens / max(seconds, 1e-9),
