@@ -73,6 +73,9 @@ def _train(args) -> int:
     before = evaluate(cfg, cfg.model.hf_path, progress=True)
     print(f"before training: pass@1 {before.pass_at_k[1]:.3f} ± {before.stderr[1]:.3f}", flush=True)
     spawn_learners(cfg)
+    if not (run_dir / "hf").is_dir():
+        raise SystemExit(f"the run stopped before its last step (a signal; see the log); run the same command "
+                         f"again to resume from its latest checkpoint in {run_dir / 'checkpoints'}")
     after = evaluate(cfg, str(run_dir / "hf"), progress=True)
     reports = {"before": before, "after": after}
     write_reports(run_dir / "eval", reports)

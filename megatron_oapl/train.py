@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_oapl import metrics as M
-from megatron_oapl.checkpoint import CheckpointManager, install_signal_handlers
+from megatron_oapl.checkpoint import CheckpointManager, StopRequest, install_signal_handlers
 from megatron_oapl.config import from_dict, to_dict
 from megatron_oapl.evaluation import EvalRound
 from megatron_oapl.learner.batch import TrainBatch, build_batch
@@ -37,6 +37,7 @@ from megatron_oapl.learner.step import NonFiniteGuard, forward_logprobs, train_s
 from megatron_oapl.models.hf_config import resolve_model
 from megatron_oapl.models.hf_mapping import HFMapping
 from megatron_oapl.rollout.dataset import read_groups
+from megatron_oapl.rollout.fleet import Fleet, FleetStopped
 from megatron_oapl.rollout.orders import OrderBook, PromptSampler, step_orders
 from megatron_oapl.rollout.types import RolloutGroup
 from megatron_oapl.schedule import LagSchedule, VersionedBuffer
@@ -54,11 +55,11 @@ log = logging.getLogger("oapl.train")
 
 
 class Coordinator:
-    def __init__(self, cfg, cfg_dict: dict, schedule: LagSchedule, start_step: int = 1, start_position: int = 0):
+    def __init__(self, cfg, cfg_dict: dict, schedule: LagSchedule, start_step: int = 1, start_position: int = 0,
+                 stop: StopRequest | None = None):
         from megatron_oapl.data.prompts import load_prompts
-        from megatron_oapl.rollout.fleet import Fleet
 
-        self.cfg, self.schedule = cfg, schedule
+        self.cfg, self.schedule, self.stop = cfg, schedule, stop
         sampler = PromptSampler(len(load_prompts(cfg.data, "train")), cfg.data.seed)
         self.orders = OrderBook(sampler, cfg.seed, cfg.fleet.prompts_per_step, schedule.sync_every,
                                 start_step, start_position)
@@ -85,7 +86,12 @@ class Coordinator:
         self.step_wait_seconds = 0.0  # this step's wait, reset when the step is logged
         self.resyncs = 0
         if self.fleet:
-            self.fleet.wait_ready(list(self.fleet.engines), timeout_s=cfg.fleet.weight_sync.timeout_s)
+            self.fleet.should_stop = lambda: bool(stop)
+            try:
+                self.fleet.wait_ready(list(self.fleet.engines), timeout_s=cfg.fleet.weight_sync.timeout_s)
+            except BaseException:
+                self.close()
+                raise
 
     def start_eval(self, version: int, step: int) -> None:
         """Have the fleet evaluate `version` (pushed after `step`; 0: the initial weights)."""
@@ -105,9 +111,11 @@ class Coordinator:
             self.last_pass_at_1, self.eval_round = report.pass_at_k[1], None
 
     def next_message(self, step: int | None, version: int) -> dict:
-        """Either engines to re-sync (restarted ones) or the groups of this step's work orders (step None:
-        none). Before the step that ends a lag round, and with step None, the pending evaluation must be
-        complete too: the next push replaces the weights it samples."""
+        """Engines to re-sync (restarted ones), or the groups of this step's work orders (step None: none),
+        or `stop` when a stop signal arrived meanwhile (a preempted job's fleet may be going down with it:
+        waiting on it, or restarting its engines, would outlast the grace period before SIGKILL). Before
+        the step that ends a lag round, and with step None, the pending evaluation must be complete too:
+        the next push replaces the weights it samples."""
         if self.replay is not None:  # offline: order i is line i % N of the dataset
             indices = [] if step is None else self.orders.indices(step)
             return {"groups": [self.replay[i % len(self.replay)] for i in indices]}
@@ -117,7 +125,12 @@ class Coordinator:
         finish_eval = step is None or self.schedule.sync_after(step)
         try:
             while True:
-                stale, arrived = self.fleet.serve(self.orders, version)
+                if self.stop:
+                    return {"stop": True}
+                try:
+                    stale, arrived = self.fleet.serve(self.orders, version)
+                except FleetStopped:  # while a restarted engine was starting
+                    return {"stop": True}
                 if stale:  # restarted engines (version 0 weights): re-synced before they get orders
                     self.resyncs += len(stale)
                     return {"resync": stale}
@@ -168,6 +181,7 @@ def rollout_metrics(groups, version: int) -> dict[str, float]:
         M.POLICY_VERSION: version,
         M.GROUP_LAG: sum(version - g.policy_version for g in groups) / len(groups),
         M.GROUP_LAG_MAX: max(version - g.policy_version for g in groups),
+        M.GENERATION_SECONDS: sum(g.generate_seconds for g in groups),
     }
 
 
@@ -231,10 +245,13 @@ def push(policy, mapping, ctx, rdvs, version, cfg, state: SyncState, from_cache:
 
 
 def receive_groups(coordinator, step: int | None, version: int, policy, mapping, ctx, cfg, state: SyncState) -> list:
-    """The groups of `step` (None: none, only the pending evaluation), re-syncing restarted engines first.
-    Every rank calls it (re-syncs are collectives); the coordinator decides what happens."""
+    """The groups of `step` (None: none, only the pending evaluation), re-syncing restarted engines first;
+    None if a stop signal arrived while waiting. Every rank calls it (re-syncs are collectives); the
+    coordinator decides what happens."""
     while True:
         message = broadcast_from_coordinator(coordinator.next_message(step, version) if coordinator else None)
+        if "stop" in message:
+            return None
         if "groups" in message:
             return message["groups"]
         rdvs = state.rendezvous(len(message["resync"]), cfg)
@@ -292,9 +309,14 @@ def train(cfg_dict: dict) -> None:
                 print(f"[oapl] resuming from {resumed['checkpoint_dir']}: step {first_step - 1}, policy version "
                       f"{version}, sampler position {first_position}", flush=True)
         if ctx.is_coordinator:
-            coordinator = Coordinator(cfg, cfg_dict, schedule, first_step, first_position)
-            # After a resume the engines hold version 0: they are re-synced before any group is admitted.
-            coordinator.buffer.current_version = version
+            try:
+                coordinator = Coordinator(cfg, cfg_dict, schedule, first_step, first_position, stop)
+                # After a resume the engines hold version 0: they are re-synced before any group is admitted.
+                coordinator.buffer.current_version = version
+            except FleetStopped as err:
+                log.warning("%s: exiting before the first step", err)
+        if not broadcast_from_coordinator(coordinator is not None if ctx.is_coordinator else None):
+            return  # stopped while the fleet was starting: nothing trained, nothing to save
         offline = cfg.lag.mode == "offline"  # one round on a dataset: no fleet, no pushes, version 0 throughout
         addr_port = broadcast_from_coordinator(
             (cfg.fleet.weight_sync.master_addr, coordinator.store.port if coordinator.store else 0)
@@ -304,10 +326,28 @@ def train(cfg_dict: dict) -> None:
         if coordinator and first_step == 1:
             coordinator.start_eval(version, step=0)  # eval.every > 0: the initial weights, logged at step 0
         stopping = False
+        last_saved = first_step - 1  # the checkpoint this run started from (0: none)
+
+        def save(done: int) -> None:  # collective
+            nonlocal last_saved
+            checkpoints.save(done, policy, ctx, {
+                "step": done, "policy_version": version,
+                # Work orders issued so far: the prompt stream and sampling seeds continue from here.
+                "sampler_position": step_orders(done, cfg.fleet.prompts_per_step, first_step, first_position).stop,
+                "guard_consecutive": guard.consecutive, "guard_total": guard.total})
+            last_saved = done
+
         for step in range(first_step, cfg.optim.train_steps + 1):
             step_start = time.perf_counter()
             # 1. Rollouts of the current version (re-syncing restarted engines first).
             groups = receive_groups(coordinator, step, version, policy, mapping, ctx, cfg, state)
+            if groups is None:  # a stop signal arrived while waiting: save the last finished step now
+                stopping = True
+                if step - 1 > last_saved:
+                    save(step - 1)
+                log.warning("stop requested by signal %s while waiting for rollouts: checkpointed step %d, "
+                            "exiting", stop.signum, last_saved)
+                break
             consumed_version = version
             batch = batch_from_groups(groups, pad_id)
             # 2. logp_lag: the engine's, or recomputed with the last pushed weights.
@@ -349,20 +389,15 @@ def train(cfg_dict: dict) -> None:
             stopping = stop.agreed()  # collective: every rank stops at the same step
             every = cfg.checkpoint.save_every
             if stopping or step == cfg.optim.train_steps or (every and step % every == 0):
-                checkpoints.save(step, policy, ctx, {
-                    "step": step, "policy_version": version,
-                    # Work orders issued so far: the prompt stream and sampling seeds continue from here.
-                    "sampler_position": step_orders(step, cfg.fleet.prompts_per_step, first_step,
-                                                    first_position).stop,
-                    "guard_consecutive": guard.consecutive, "guard_total": guard.total})
+                save(step)
             if stopping:
                 log.warning("stop requested by signal %s: checkpointed step %d, exiting", stop.signum, step)
                 break
-        if not stopping:  # the evaluation of the last pushed version, if one is pending
-            receive_groups(coordinator, None, version, policy, mapping, ctx, cfg, state)
         if progress:
             progress.close()
-        _export_final(policy, mapping, ctx, cfg)
+        if not stopping:  # a stopped run ends at its checkpoint: no waiting on the fleet, no final export
+            receive_groups(coordinator, None, version, policy, mapping, ctx, cfg, state)  # a pending evaluation
+            _export_final(policy, mapping, ctx, cfg)
     finally:
         if coordinator:
             coordinator.close()

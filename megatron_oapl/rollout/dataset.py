@@ -4,7 +4,7 @@ fixed for hundreds of optimizer steps. `oapl generate` writes one; a run with la
 
 One line per group, line i holding work order i (rollout/orders.py, so step s trains on the same prompts
 an online run would):
-    {"order_index", "policy_version", "temperature", "top_p", "engine_id", "split",
+    {"order_index", "policy_version", "temperature", "top_p", "engine_id", "split", "generate_seconds",
      "prompt": {"prompt_id", "token_ids", "text", "answer", "metadata"},
      "samples": [{"token_ids", "logprobs", "finish_reason", "text", "reward"}, ...]}
 Token ids and the engine's per-token log-probs are stored as sampled, never re-tokenised.

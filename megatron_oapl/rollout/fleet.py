@@ -27,6 +27,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import zmq
 
@@ -166,6 +167,7 @@ def engine_main(engine_id: int, generation: int, cfg_dict: dict, model_dir: str,
                 tables[order.split] = PromptTable(cfg, tokenizer, order.split)
             prompt, ids = tables[order.split].get(order.prompt_index)
             sampling = dataclasses.replace(params[order.split], seed=order.seed)
+            start = time.perf_counter()
             # One call per order with the order's own seed: the group does not depend on the engine,
             # on batching, or on what the engine sampled before.
             samples = engine.generate([ids], sampling)[0]
@@ -173,7 +175,7 @@ def engine_main(engine_id: int, generation: int, cfg_dict: dict, model_dir: str,
                 sample.reward = scorer.score(sample.text, prompt)
             group = RolloutGroup(Prompt(prompt.prompt_id, ids, prompt.text, prompt.answer, prompt.metadata),
                                  samples, engine.version, sampling.temperature, sampling.top_p, engine_id,
-                                 order.index, order.split)
+                                 order.index, order.split, time.perf_counter() - start)
             payload = pickle.dumps(group)
             while True:  # non-blocking send, so a sync request is never stuck behind back-pressure
                 try:
@@ -206,6 +208,10 @@ class EngineProcess:
 COORDINATOR_FILE = "coordinator.json"
 
 
+class FleetStopped(Exception):
+    """A stop signal arrived while the fleet was waiting for engines to start."""
+
+
 class Fleet:
     """Coordinator-side handle of the engines: local processes it spawns and restarts, or (with
     fleet.external) engines run by `fleet_node` processes elsewhere that restart their own engines and
@@ -228,6 +234,7 @@ class Fleet:
         self.pending_replies: list[dict] = []
         self._restarted_remotely: list[int] = []
         self._asked: dict[int, int] = {}  # engine id -> generation asked by the last request_sync
+        self.should_stop: Callable[[], bool] = lambda: False  # the coordinator's stop signal
         if self.external:
             self.engines = {i: EngineProcess(i, None, generation=-1) for i in range(cfg.fleet.num_engines)}
         else:
@@ -302,9 +309,12 @@ class Fleet:
 
     def wait_ready(self, engine_ids, timeout_s: float = 300.0) -> None:
         """Block until the given engines said hello (they are then ready to join a weight group); one that
-        dies while starting is restarted like any other (within fleet.max_restarts)."""
+        dies while starting is restarted like any other (within fleet.max_restarts). Raises `FleetStopped`
+        once `should_stop()` is true (a large engine can take minutes to start)."""
         deadline = time.monotonic() + timeout_s
         while any(self.engines[i].version < 0 for i in engine_ids):
+            if self.should_stop():
+                raise FleetStopped(f"stop requested while engines {list(engine_ids)} were starting")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"engines {list(engine_ids)} did not start within {timeout_s:.0f} s")
             self.restart_dead()
@@ -396,6 +406,9 @@ class Fleet:
             if handle.process.is_alive():
                 handle.process.terminate()
                 handle.process.join(timeout=5)
+            if handle.process.is_alive():  # hung or frozen (SIGSTOP): only SIGKILL ends it
+                handle.process.kill()
+                handle.process.join()
         self.rollouts.close(0)
         self.control.close(0)
         self.zctx.term()

@@ -50,6 +50,7 @@ class RolloutGroup:
     engine_id: int = 0
     order_index: int = 0  # the work order it answers (rollout/orders.py): fixes its place in the batches
     split: str = "train"  # "eval": pass@k samples of held-out prompt `order_index`, never trained on
+    generate_seconds: float = 0.0  # the engine's time sampling and scoring this group
 
     @property
     def rewards(self) -> list[float]:

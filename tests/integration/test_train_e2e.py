@@ -53,6 +53,7 @@ def test_short_run_syncs_on_schedule_and_logs(tiny_model, tmp_path):
     assert all(v == 0 for v in tb[M.GROUP_LAG_MAX].values())  # no consumed group of an older version
     assert tb[M.POLICY_VERSION] == {1: 0, 2: 0, 3: 1, 4: 1, 5: 2, 6: 2}  # version of the consumed groups
     assert tb[M.SYNC_BYTES][2] > 0 and M.LOGP_GAP in tb and M.TOKENS_PER_SECOND in tb
+    assert all(v > 0 for v in tb[M.GENERATION_SECONDS].values())
     # eval.every=3: the fleet evaluated the initial weights (step 0), the first pushes at or after steps 3
     # and 6 (after steps 4 and 6; the last one after the final step, before the run ended).
     assert sorted(tb[M.pass_at(1)]) == [0, 4, 6] and sorted(tb[M.pass_at(4)]) == [0, 4, 6]
@@ -208,3 +209,39 @@ def test_offline_round_replays_a_generated_dataset(tiny_model, tmp_path):
         assert abs(tb[M.REWARD_MEAN][step] - sum(rewards) / len(rewards)) < 1e-6, step
     # Step 1: pi_theta is the generator, so the learner's log-probs equal the stored engine log-probs.
     assert tb[M.LOGP_GAP][1] < 1e-3 and list(tb[M.LOGP_GAP]) == [1]
+
+
+def test_stop_signal_while_the_fleet_is_unresponsive_saves_the_last_step_and_exits(tiny_model, tmp_path):
+    """The engine is frozen (SIGSTOP) mid-run, so the learner ends up waiting for rollouts that never come
+    (a preempted job's fleet goes down with it); SIGTERM to the learner ranks must still end the run at
+    once with the last trained step checkpointed, and `oapl train` says how to resume."""
+    import os
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    # No push in this run (L > steps): only the frozen engine's silence can block the learner.
+    proc = oapl_train(tiny_model, run_dir, "optim.train_steps=200", "lag.sync_every=1000",
+                      "checkpoint.save_every=2", "checkpoint.keep_last=100")
+    ckpts = run_dir / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (ckpts / "step_2").is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint of step 2"
+        time.sleep(0.2)
+    os.kill(int((run_dir / "engines" / "engine-0.pid").read_text()), signal.SIGSTOP)
+    seen, quiet_since = None, time.monotonic()
+    while time.monotonic() - quiet_since < 8:  # the learner has used up the buffered groups and waits
+        latest = sorted(ckpts.glob("step_*"))
+        if latest != seen:
+            seen, quiet_since = latest, time.monotonic()
+        time.sleep(0.5)
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    ranks = [int(p) for p in children if "resource_tracker" not in Path(f"/proc/{p}/cmdline").read_text()]
+    assert len(ranks) == 2, children  # the TP=2 learner ranks
+    for pid in ranks:
+        os.kill(pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)  # before the fix: waits for rollouts that never come
+    assert proc.returncode != 0 and "run the same command again to resume" in out, out[-3000:]
+    assert "while waiting for rollouts" in out and not (run_dir / "hf").exists()
+    trained = max(scalars(run_dir)[M.LOSS])
+    assert (ckpts / "latest").read_text().strip() == f"step_{trained}"  # no trained step lost
