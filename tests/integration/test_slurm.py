@@ -59,9 +59,9 @@ def launch_main(*argv: str) -> int:
     return main(list(argv))
 
 
-def launch(cluster: SlurmCluster, *argv: str) -> str:
-    """`python -m launch.slurm ...` as a user runs it; returns the job id."""
-    proc = subprocess.run([sys.executable, "-m", "launch.slurm", *argv], cwd=ROOT, env=cluster.env,
+def launch(cluster: SlurmCluster, *argv: str, env: dict[str, str] | None = None) -> str:
+    """`python -m launch.slurm ...` as a user runs it (the job inherits `env`); returns the job id."""
+    proc = subprocess.run([sys.executable, "-m", "launch.slurm", *argv], cwd=ROOT, env=env or cluster.env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     match = re.search(r"submitted job (\d+)", proc.stdout)
@@ -152,6 +152,9 @@ def test_dry_run_renders_het_script_with_requested_options(in_cluster, tmp_path,
     assert "export NCCL_SOCKET_IFNAME=ib0\n" in body and "export NCCL_DEBUG=INFO\n" in body
     assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1\n" in body  # a default kept
     assert "OAPL_SAVE_BY_EPOCH=$(( $(date +%s) + 1800 ))" in body
+    # Learners that exit cleanly after the --save-by deadline stopped for it: the job queues itself again.
+    assert '[ "$LEARNER_RC" = 0 ] && [ "$(date +%s)" -ge "$OAPL_SAVE_BY_EPOCH" ]' in body
+    assert '-m megatron_oapl.rollout.fleet_node "$JOB_CONFIG"' in body  # fleet nodes run the engines by default
     assert "trap 'forward USR1' USR1" in body and 'scontrol requeue "$SLURM_JOB_ID"' in body
     assert "echo setting up\n" in body
     assert "-m launch.srun_env -- " in body and "megatron_oapl.cli train \"$JOB_CONFIG\"" in body
@@ -179,7 +182,8 @@ def test_dry_run_gpu_and_container_options_without_cluster(tmp_path, capsys):
     assert ("--container-image=/shared/img.sqsh --container-mounts="
             f"{ROOT}:{ROOT},/shared/runs/big:/shared/runs/big,/data:/data --container-workdir={ROOT}") in script
     assert "PYTHON=python\n" in script and "export NCCL_DEBUG" not in script
-    assert "warning: --fleet-mode=local" in out.err  # local mode: engines share the learner GPUs
+    # With fleet nodes the engines run there (external), not beside the learners on their GPUs.
+    assert "-m megatron_oapl.rollout.fleet_node" in script and "warning: --fleet-mode" not in out.err
 
 
 def test_homogeneous_dry_run_splits_nodes(in_cluster, tmp_path, capsys):
@@ -279,7 +283,7 @@ def test_srun_env_maps_slurm_task_variables_and_gres():
 def test_heterogeneous_job_runs_learners_and_fleet_on_separate_nodes(cluster, tiny_model, tmp_path):
     run_dir = tmp_path / "het"
     job = launch(cluster, CONFIG, *TINY, f"model.hf_path={tiny_model}", f"run_dir={run_dir}", *HET,
-                 "--allow-local-paths", "--learner-time", "00:10:00")
+                 "--allow-local-paths", "--learner-time", "00:10:00", "--fleet-mode", "local")
     assert (run_dir / "launch" / "job_id").read_text().strip() == job
     info = assert_finished_run(cluster, job, run_dir, steps=6)
     assert info["HetJobIdSet"], info  # really a heterogeneous job
@@ -306,32 +310,38 @@ def test_external_fleet_runs_the_engines_on_the_fleet_node(cluster, tiny_model, 
 def test_homogeneous_fallback_runs(cluster, tiny_model, tmp_path):
     run_dir = tmp_path / "homog"
     job = launch(cluster, CONFIG, *TINY, f"model.hf_path={tiny_model}", f"run_dir={run_dir}", "--homogeneous",
-                 "--partition", "debug", "--allow-local-paths")
+                 "--partition", "debug", "--allow-local-paths", "--fleet-mode", "local")
     info = assert_finished_run(cluster, job, run_dir, steps=6)
     assert info["NodeList"] == "node[1-2]" and not info.get("HetJobIdSet")
     fleet = (run_dir / "launch" / "fleet-node-0.txt").read_text().strip()
     assert {learner_node(run_dir), fleet} == {"node1", "node2"}
 
 
-def _wait_for_step(run_dir: Path, step: int, total: int, timeout_s: float = 240) -> None:
-    """Until the learner's progress line shows `step`/`total` (tqdm prints `| 3/12 [`)."""
+def held_after_first_checkpoint(run_dir: Path, cluster: SlurmCluster, steps: int) -> tuple[list[str], dict]:
+    """Overrides and job environment that hold the job's first attempt once it has checkpointed step 2
+    (tests/support/requeue_gate.py), so a requeue or signal always lands mid-run, however fast the
+    machine trains."""
+    overrides = [o for o in TINY if not o.startswith("optim.train_steps")] + [
+        f"optim.train_steps={steps}", "checkpoint.save_every=2",
+        "rewards.name=tests.support.requeue_gate:gated_reasoning_gym", "rewards.timeout_s=3600"]
+    return overrides, {**cluster.env, "OAPL_GATE_RUN_DIR": str(run_dir)}
+
+
+def _wait_for_file(path: Path, timeout_s: float = 240) -> None:
     deadline = time.monotonic() + timeout_s
-    pattern = re.compile(rf"\| *(\d+)/{total} \[")
-    while time.monotonic() < deadline:
-        text = "".join(p.read_text(errors="replace") for p in (run_dir / "logs").glob("*-learner.out"))
-        if any(int(m) >= step for m in pattern.findall(text)):
-            return
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear\n{logs(path.parents[1])}")
         time.sleep(0.3)
-    raise AssertionError(f"step {step} not reached\n{logs(run_dir)}")
 
 
 def test_requeued_job_runs_to_completion(cluster, tiny_model, tmp_path):
     run_dir = tmp_path / "requeue"
     steps = 12
-    overrides = [o for o in TINY if not o.startswith("optim.train_steps")] + [f"optim.train_steps={steps}"]
+    overrides, env = held_after_first_checkpoint(run_dir, cluster, steps)
     job = launch(cluster, CONFIG, *overrides, f"model.hf_path={tiny_model}", f"run_dir={run_dir}", *HET,
-                 "--allow-local-paths", "--requeue")
-    _wait_for_step(run_dir, 2, steps)
+                 "--allow-local-paths", "--requeue", env=env)
+    _wait_for_file(run_dir / "checkpoints" / "latest")
     subprocess.run(["scontrol", "requeue", job], env=cluster.env, check=True, timeout=30)
     info = assert_finished_run(cluster, job, run_dir, steps=steps)
     assert info["Restarts"] == "1", info
@@ -339,9 +349,10 @@ def test_requeued_job_runs_to_completion(cluster, tiny_model, tmp_path):
     assert "restart 0" in batch_log and "restart 1" in batch_log and "DUE TO JOB REQUEUE" in batch_log
     runs = loss_steps_per_run(run_dir)
     assert len(runs) == 2, runs  # the learners ran twice, each with its own TensorBoard file
+    assert runs[0][-1] < steps, f"the first attempt was not held: {runs}"
     assert runs[-1][-1] == steps
-    # The requeue's SIGTERM made the learners checkpoint; the second run resumed from it.
-    assert runs[-1][0] > 1, f"the requeued run started from step {runs[-1][0]}: no resume; {runs}"
+    # The second run resumed from the first's checkpoint (step 2 or later), not from step 1.
+    assert runs[-1][0] > 2, f"the requeued run started from step {runs[-1][0]}: no resume; {runs}"
 
 
 def test_time_limit_warning_is_forwarded_and_job_requeues_itself(cluster, tiny_model, tmp_path):
@@ -350,10 +361,10 @@ def test_time_limit_warning_is_forwarded_and_job_requeues_itself(cluster, tiny_m
     SLURM does at the time limit minus the lead time."""
     run_dir = tmp_path / "signal"
     steps = 12
-    overrides = [o for o in TINY if not o.startswith("optim.train_steps")] + [f"optim.train_steps={steps}"]
+    overrides, env = held_after_first_checkpoint(run_dir, cluster, steps)
     job = launch(cluster, CONFIG, *overrides, f"model.hf_path={tiny_model}", f"run_dir={run_dir}", "--homogeneous",
-                 "--allow-local-paths", "--requeue", "--signal", "B:USR1@60", "--max-requeues", "1")
-    _wait_for_step(run_dir, 2, steps)
+                 "--allow-local-paths", "--requeue", "--signal", "B:USR1@60", "--max-requeues", "1", env=env)
+    _wait_for_file(run_dir / "checkpoints" / "latest")
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=cluster.env, check=True, timeout=30)
     info = assert_finished_run(cluster, job, run_dir, steps=steps)
     assert info["Restarts"] == "1", info
