@@ -36,6 +36,7 @@ import yaml
 __all__ = [
     "ConfigError",
     "ModelConfig",
+    "RopeScalingConfig",
     "ParallelConfig",
     "FP8Config",
     "PrecisionConfig",
@@ -77,12 +78,30 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class RopeScalingConfig:
+    type: str = "none"
+    """RoPE frequency scaling, read from the HF config.json (rope_scaling / rope_parameters): none |
+    linear (every frequency / factor) | llama3 (Llama 3.1+: long wavelengths / factor, short ones kept,
+    a smooth ramp between)."""
+    factor: float = 1.0
+    """Scale factor of the low frequencies (linear: of all)."""
+    low_freq_factor: float = 1.0
+    """llama3: wavelengths above original_max_position_embeddings / low_freq_factor are divided by factor."""
+    high_freq_factor: float = 4.0
+    """llama3: wavelengths below original_max_position_embeddings / high_freq_factor are kept."""
+    original_max_position_embeddings: int = 8192
+    """llama3: the context length the model was pre-trained with."""
+
+
+@dataclass
 class ModelConfig:
     preset: str = "llama"
     """Architecture preset (layer spec + HF name map): llama | qwen2 | qwen3."""
     hf_path: str | None = None
-    """HF model directory (or hub id) to load weights from; when set, the architecture fields below are
-    read from its config.json by the model builder. null = build from the fields below (random init)."""
+    """HF model directory, or hub id (org/name) found in the local Hugging Face cache (no downloads: fetch
+    it first with `hf download ID`, or `huggingface-cli download ID`), to load weights from; when set, the architecture fields
+    below are read from its config.json by the model builder. null = build from the fields below (random
+    init)."""
     num_layers: int = 4
     """Number of transformer layers."""
     hidden_size: int = 128
@@ -101,6 +120,8 @@ class ModelConfig:
     """Longest prompt + completion the learner trains on (also the RoPE table length)."""
     rotary_base: float = 10000.0
     """RoPE base frequency (theta)."""
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    """RoPE frequency scaling (Llama 3.x checkpoints use llama3)."""
     norm_epsilon: float = 1e-5
     """RMSNorm epsilon."""
     tie_word_embeddings: bool = True
@@ -303,6 +324,13 @@ class RewardsConfig:
     """Map rewards to {0, 1} (reward >= 1 counts as correct)."""
     timeout_s: float = 10.0
     """Time limit of one reward call, in seconds (a timeout scores 0)."""
+    num_workers: int = 2
+    """Reward worker processes per engine; scoring runs beside sampling (a hung call costs one worker
+    until its timeout, not the engine)."""
+    code_sandbox: str = "bwrap"
+    """How the `code` reward fences model-written programs: bwrap (bubblewrap: no network, no access to the
+    run's files or credentials, read-only system; the run refuses to start where it cannot run) |
+    rlimits-only (CPU, memory and output limits only, as the run's user: an explicit opt-in)."""
 
 
 @dataclass
@@ -370,6 +398,7 @@ class RunConfig:
 # Allowed values of every choice field, by dotted name.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.preset": ("llama", "qwen2", "qwen3"),
+    "model.rope_scaling.type": ("none", "linear", "llama3"),
     "parallel.backend": ("auto", "gloo", "nccl"),
     "precision.params_dtype": ("fp32", "bf16", "fp16"),
     "precision.fp8.format": ("e4m3", "hybrid"),
@@ -382,6 +411,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fleet.engine": ("torch", "vllm"),
     "fleet.weight_sync.backend": ("auto", "gloo", "nccl"),
     "data.source": ("reasoning_gym", "jsonl", "parquet"),
+    "rewards.code_sandbox": ("bwrap", "rlimits-only"),
 }
 
 # --------------------------------------------------------------------------------------------------
@@ -651,7 +681,9 @@ _BOUNDS: list[tuple[str, str]] = [
     ("model.num_attention_heads", _ONE), ("model.num_query_groups", _ONE), ("model.kv_channels", _ONE),
     ("model.vocab_size", _ONE), ("model.max_seq_length", "> 1"), ("model.rotary_base", _POS),
     ("model.norm_epsilon", _POS), ("model.init_method_std", _POS),
-    ("model.make_vocab_size_divisible_by", _ONE),
+    ("model.make_vocab_size_divisible_by", _ONE), ("model.rope_scaling.factor", _POS),
+    ("model.rope_scaling.low_freq_factor", _POS), ("model.rope_scaling.high_freq_factor", _POS),
+    ("model.rope_scaling.original_max_position_embeddings", _ONE),
     ("parallel.tensor_model_parallel_size", _ONE), ("parallel.pipeline_model_parallel_size", _ONE),
     ("parallel.data_parallel_size", _ONE), ("parallel.micro_batch_groups", _ONE),
     ("precision.fp8.margin", _NONNEG), ("precision.fp8.amax_history_len", _ONE),
@@ -668,7 +700,7 @@ _BOUNDS: list[tuple[str, str]] = [
     ("fleet.weight_sync.master_port", "in [0, 65535]"), ("fleet.weight_sync.timeout_s", _POS),
     ("fleet.vllm_gpu_memory_utilization", "in (0, 1]"), ("fleet.max_restarts", _NONNEG),
     ("data.num_train_prompts", _ONE), ("data.num_eval_prompts", _NONNEG),
-    ("rewards.timeout_s", _POS),
+    ("rewards.timeout_s", _POS), ("rewards.num_workers", _ONE),
     ("checkpoint.save_every", _NONNEG), ("checkpoint.keep_last", _ONE),
     ("logging.log_every", _ONE),
     ("eval.every", _NONNEG), ("eval.num_samples", _ONE), ("eval.temperature", _POS),
@@ -737,6 +769,10 @@ def validate(cfg: RunConfig, check_hardware: bool = True) -> None:
     if m.kv_channels is None and m.hidden_size % heads:
         errors.append(f"model.hidden_size={m.hidden_size} must be divisible by model.num_attention_heads="
                       f"{heads} when model.kv_channels is null (or set model.kv_channels)")
+    rope = m.rope_scaling
+    if rope.type == "llama3" and rope.high_freq_factor <= rope.low_freq_factor:
+        errors.append(f"model.rope_scaling.high_freq_factor={rope.high_freq_factor} must be > "
+                      f"model.rope_scaling.low_freq_factor={rope.low_freq_factor} (llama3 ramps between them)")
     if p.sequence_parallel and tp == 1:
         errors.append("parallel.sequence_parallel=true requires parallel.tensor_model_parallel_size > 1 "
                       "(allowed: false with TP=1)")
@@ -772,6 +808,10 @@ def validate(cfg: RunConfig, check_hardware: bool = True) -> None:
                       f"(allowed: a {cfg.data.source} file or directory)")
     if not cfg.rewards.name:
         errors.append("rewards.name='' must be a registered reward name or a dotted path pkg.mod:fn")
+    blocking = next((p for p in (Path(cfg.run_dir), *Path(cfg.run_dir).parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():  # the run directory could never be created
+        what = "is" if blocking == Path(cfg.run_dir) else f"is inside {str(blocking)!r}, which is"
+        errors.append(f"run_dir={_fmt(cfg.run_dir)} {what} an existing file (allowed: a directory path, new or existing)")
 
     if errors:
         raise ConfigError("\n".join(errors), errors)
@@ -780,7 +820,8 @@ def validate(cfg: RunConfig, check_hardware: bool = True) -> None:
 
 
 def check_hardware(cfg: RunConfig) -> None:
-    """Checks that depend on this machine: FP8 needs a CUDA GPU and transformer-engine, NCCL a GPU."""
+    """Checks that depend on this machine: FP8 needs a CUDA GPU and transformer-engine, NCCL a GPU, the
+    `code` reward a sandbox that runs here."""
     import torch  # here, not at the top: parsing a config should not pay for importing torch
 
     has_gpu = torch.cuda.is_available()
@@ -799,6 +840,12 @@ def check_hardware(cfg: RunConfig) -> None:
     for name in ("parallel.backend", "fleet.weight_sync.backend"):
         if _get(cfg, name) == "nccl" and not has_gpu:
             errors.append(f"{name}='nccl' needs a CUDA GPU; this machine has no GPU (allowed here: auto, gloo)")
+    if cfg.rewards.name == "code":  # refuse before anything starts, not at the first reward of an engine
+        from megatron_oapl.rewards.sandbox import sandbox_problem
+
+        problem = sandbox_problem(cfg.rewards.code_sandbox)
+        if problem:
+            errors.append(problem)
     if errors:
         raise ConfigError("\n".join(errors), errors)
 

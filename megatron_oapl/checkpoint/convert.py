@@ -117,7 +117,8 @@ def _build_cfg(cfg):
 
 def hf_config(model_cfg, dtype, source_dir: str | Path | None = None):
     """A transformers config (LlamaConfig / Qwen2Config / Qwen3Config) for `model_cfg`; `dtype` is a
-    torch dtype or bf16 | fp16 | fp32.
+    torch dtype or bf16 | fp16 | fp32. It describes the same function as the Megatron model (RoPE theta
+    and scaling included), so an export -> import round trip keeps the model.
 
     Token ids (bos/eos/pad) and a longer `max_position_embeddings` come from `source_dir/config.json`
     (the model the run started from) when it exists."""
@@ -153,6 +154,14 @@ def hf_config(model_cfg, dtype, source_dir: str | Path | None = None):
         kwargs["mlp_bias"] = False
     if arch.name in ("qwen2", "qwen3"):
         kwargs["use_sliding_window"] = False
+    rope = model_cfg.rope_scaling
+    if rope.type == "linear":
+        kwargs["rope_scaling"] = {"rope_type": "linear", "factor": rope.factor}
+    elif rope.type == "llama3":
+        kwargs["rope_scaling"] = {"rope_type": "llama3", "factor": rope.factor, "low_freq_factor": rope.low_freq_factor,
+                                  "high_freq_factor": rope.high_freq_factor,
+                                  "original_max_position_embeddings": rope.original_max_position_embeddings}
+    # (transformers 5 reads `rope_scaling` + `rope_theta` into its `rope_parameters`, 4.x keeps them.)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if source.get(key) is not None:
             kwargs[key] = source[key]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from megatron_oapl.config import check_hardware
 from megatron_oapl.models.fp8 import fp8_transformer_config_kwargs
 from megatron_oapl.models.presets import get_architecture
+from megatron_oapl.models.rope import apply_rope_scaling
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -100,7 +101,7 @@ def build_gpt_model(cfg, transformer_config, pre_process: bool, post_process: bo
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    return GPTModel(
+    model = GPTModel(
         config=transformer_config,
         transformer_layer_spec=build_layer_spec(cfg),
         vocab_size=padded_vocab_size(cfg.model, parallel_state.get_tensor_model_parallel_world_size()),
@@ -110,5 +111,7 @@ def build_gpt_model(cfg, transformer_config, pre_process: bool, post_process: bo
         parallel_output=True,
         share_embeddings_and_output_weights=cfg.model.tie_word_embeddings,
         position_embedding_type="rope",
-        rotary_base=int(cfg.model.rotary_base),
+        rotary_base=cfg.model.rotary_base,  # a float theta stays exact (Megatron only raises it to powers)
     )
+    apply_rope_scaling(model, cfg.model.rope_scaling)
+    return model
