@@ -4,7 +4,7 @@
   ``RewardScorer`` (never raises; timeouts, errors and non-finite scores count and score 0; binarize).
 - :mod:`.reasoning_gym`: ``reasoning_gym`` — the task's own ``score_answer``.
 - :mod:`.math`: ``math`` — math-verify against ``prompt.answer``.
-- :mod:`.code`: ``code`` — stdin/stdout tests in a resource-limited, network-less subprocess.
+- :mod:`.code`: ``code`` — stdin/stdout tests, each run fenced by :mod:`.sandbox` (bubblewrap + rlimits).
 
 The built-in reward modules import heavy libraries, so they are imported by ``get_reward`` on first use,
 not here.

@@ -12,7 +12,8 @@ import pytest
 from megatron_oapl.config import DataConfig, RewardsConfig
 from megatron_oapl.data.prompts import load_prompts
 from megatron_oapl.rewards import RewardScorer, get_reward, register_reward, registered_rewards
-from megatron_oapl.rewards.code import extract_program, sandbox_mode
+from megatron_oapl.rewards.code import build_code_reward, extract_program
+from megatron_oapl.rewards.sandbox import SANDBOXES, sandbox_problem
 from megatron_oapl.rewards.reasoning_gym import extract_answer
 from megatron_oapl.rollout.types import Prompt
 
@@ -108,45 +109,40 @@ def _code_dirs() -> set[str]:
     return set(glob.glob(os.path.join(tempfile.gettempdir(), "oapl-code-*")))
 
 
-def test_code_reward_pass_fail_partial():
+@pytest.fixture(params=SANDBOXES)
+def code_fn(request):
+    """The code reward under each sandbox (bubblewrap's escapes: tests/unit/test_code_sandbox.py)."""
+    problem = sandbox_problem(request.param)
+    if problem:
+        pytest.skip(problem)
+    return build_code_reward(RewardsConfig(name="code", code_sandbox=request.param))
+
+
+def test_code_reward_pass_fail_partial(code_fn):
     before = _code_dirs()
-    fn = get_reward("code")
     good = "Here you go:\n```python\na, b = map(int, input().split())\nprint(a + b)   \n```\n"
-    assert fn(good, _code_prompt()) == 1.0
-    assert fn("a, b = map(int, input().split())\nprint(a * b)", _code_prompt()) == 0.0
-    assert fn("a, b = map(int, input().split())\nprint(3)", _code_prompt()) == 0.5  # one of two cases
-    assert fn("print(", _code_prompt()) == 0.0  # syntax error
+    assert code_fn(good, _code_prompt()) == 1.0
+    assert code_fn("a, b = map(int, input().split())\nprint(a * b)", _code_prompt()) == 0.0
+    assert code_fn("a, b = map(int, input().split())\nprint(3)", _code_prompt()) == 0.5  # one of two cases
+    assert code_fn("print(", _code_prompt()) == 0.0  # syntax error
     assert _code_dirs() <= before  # every temp dir removed
     assert extract_program("```py\nx=1\n```\ntext\n```python\ny=2\n```") == "y=2\n"
 
 
-def test_code_reward_kills_infinite_loop():
-    scorer = _scorer("code", timeout_s=30.0)
+def test_code_reward_kills_infinite_loop(code_fn):
+    scorer = _scorer("code", timeout_s=30.0, fn=code_fn)
     t0 = time.monotonic()
     assert scorer.score("while True:\n    pass\n", _code_prompt(ADD_TESTS[:1], time_limit_s=1)) == 0.0
     assert time.monotonic() - t0 < 5.0  # CPU limit 1 s (SIGKILL), wall limit 3 s
     assert scorer.stats()["timeouts"] == 0  # the sandbox's own limit, not the scorer's
 
 
-def test_code_reward_memory_limit():
-    fn = get_reward("code")
+def test_code_reward_memory_limit(code_fn):
     tests = [{"input": "", "output": "ok"}]
     hog = "x = bytearray(1 << 30)\nprint('ok')\n"  # 1 GiB under a 256 MiB address-space limit
-    assert fn(hog, _code_prompt(tests, memory_limit_mb=256)) == 0.0
+    assert code_fn(hog, _code_prompt(tests, memory_limit_mb=256)) == 0.0
     fine = "x = bytearray(32 << 20)\nprint('ok')\n"
-    assert fn(fine, _code_prompt(tests, memory_limit_mb=256)) == 1.0
-
-
-def test_code_reward_has_no_network():
-    if not sandbox_mode().startswith("netns"):
-        pytest.skip(f"`unshare --net` is not available here (sandbox mode {sandbox_mode()!r}); the code "
-                    "reward then applies resource limits only")
-    program = ("import socket\n"
-               "try:\n    socket.create_connection(('1.1.1.1', 53), timeout=1)\n    print('connected')\n"
-               "except OSError:\n    print('offline')\n")
-    fn = get_reward("code")
-    assert fn(program, _code_prompt([{"input": "", "output": "offline"}])) == 1.0
-    assert fn(program, _code_prompt([{"input": "", "output": "connected"}])) == 0.0
+    assert code_fn(fine, _code_prompt(tests, memory_limit_mb=256)) == 1.0
 
 
 # --- registry and scorer -------------------------------------------------------------------------------
