@@ -12,7 +12,8 @@
 
 What happens, in order (nothing is submitted unless every check passes):
 1. The run config is loaded with the overrides and validated (the login node needs no GPU); relative
-   `run_dir` / `model.hf_path` become absolute.
+   `run_dir`, `model.hf_path`, `data.path` and `lag.offline_dataset` become absolute (the job runs in
+   --workdir), and the data / offline-dataset files must exist.
 2. The cluster is queried (`scontrol show partition/node`): partitions exist, enough nodes with the CPUs
    and GPUs asked; TP*PP divides the learner ranks; the engine TP divides the fleet node's GPUs; paths the
    compute nodes need are not node-local; pyxis is there when a container is asked; finally
@@ -179,8 +180,9 @@ def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
                         "(repeatable)")
 
     g = p.add_argument_group("fleet (heterogeneous component 1; the remaining nodes with --homogeneous)")
-    g.add_argument("--fleet-nodes", type=int, default=1,
-                   help="fleet nodes (default 1; 0 = no fleet component: engines run beside the coordinator)")
+    g.add_argument("--fleet-nodes", type=int, default=None,
+                   help="fleet nodes (default 1, and 0 with lag.mode=offline, which runs no fleet; 0 = no fleet "
+                        "component: engines run beside the coordinator)")
     g.add_argument("--fleet-gpus-per-node", type=int, default=None,
                    help="GPUs per fleet node: one engine per fleet.engine_tensor_parallel_size GPUs "
                         "(default: all GPUs of the partition's nodes; 0 = CPU nodes)")
@@ -191,11 +193,11 @@ def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fleet-time", help="time limit of the fleet component (default: --time)")
     g.add_argument("--fleet-sbatch-arg", action="append", default=[], metavar="ARG",
                    help="extra #SBATCH option for the fleet component (repeatable)")
-    g.add_argument("--fleet-mode", choices=("local", "external"), default="local",
-                   help="external: the fleet step runs `python -m megatron_oapl.rollout.fleet_node` on every "
-                        "fleet node, whose engines serve the coordinator (sets fleet.external=true); local "
-                        "(default for now): the coordinator starts the engines beside itself and the fleet step "
-                        "only records its placement")
+    g.add_argument("--fleet-mode", choices=("local", "external"), default=None,
+                   help="external (the default with fleet nodes): the fleet step runs `python -m "
+                        "megatron_oapl.rollout.fleet_node` on every fleet node, whose engines serve the coordinator "
+                        "(sets fleet.external=true); local (the default with --fleet-nodes 0): the coordinator "
+                        "starts the engines beside itself, and fleet nodes, if any, only record their placement")
 
     g = p.add_argument_group("job")
     g.add_argument("--partition", help="partition of both components (per-component options win)")
@@ -215,10 +217,12 @@ def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
                         "itself after the --signal warning so the run continues from its checkpoint")
     g.add_argument("--no-requeue", dest="requeue", action="store_false", help="never requeue")
     g.add_argument("--max-requeues", type=int, default=3,
-                   help="self-requeues allowed after a --signal warning (SLURM_RESTART_COUNT; default 3)")
+                   help="self-requeues allowed after a --signal warning or the --save-by deadline "
+                        "(SLURM_RESTART_COUNT; default 3)")
     g.add_argument("--save-by", type=float, metavar="MINUTES",
-                   help="the loop saves a checkpoint and stops MINUTES after each (re)start of the job: "
-                        "exported as OAPL_SAVE_BY_EPOCH (Unix seconds)")
+                   help="MINUTES after each (re)start of the job the learners checkpoint at the next step boundary "
+                        "and stop (exported as OAPL_SAVE_BY_EPOCH, Unix seconds); with --requeue the job then "
+                        "queues itself again. For clusters where the --signal warning does not arrive")
     g.add_argument("--master-port", type=int, help="rendezvous port of the learners (default: from the job id)")
 
     g = p.add_argument_group("environment and containers")
@@ -237,8 +241,8 @@ def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--container-image", help="pyxis/enroot image of every step (srun --container-image)")
     g.add_argument("--fleet-container-image", help="image of the fleet step (default: --container-image)")
     g.add_argument("--container-mounts", action="append", default=[], metavar="SRC:DST[,...]",
-                   help="extra pyxis mounts (repeatable); the workdir, run_dir and a local model.hf_path are "
-                        "always mounted at the same path")
+                   help="extra pyxis mounts (repeatable); the workdir, run_dir, a local model.hf_path and the "
+                        "data / offline-dataset directories are always mounted at the same path")
 
     g = p.add_argument_group("checks and output")
     g.add_argument("--dry-run", action="store_true", help="print the sbatch script; write and submit nothing")
@@ -414,6 +418,31 @@ def _load_run_config(args, extra: list[str], errors: list[str]):
         return None
 
 
+def _input_files(cfg) -> list[tuple[str, str, list[str], str]]:
+    """(field, value, files the job will read, how to make them) for the config's input paths: the prompt
+    files of data.source=jsonl|parquet, the offline dataset, and a tokenizer / chat template /
+    checkpoint.load given as a path that exists here."""
+    out = []
+    data = cfg.data
+    if data.source in ("jsonl", "parquet") and data.path:
+        splits = ("train", "eval") if data.num_eval_prompts > 0 else ("train",)
+        if "{split}" in data.path:
+            files = [data.path.replace("{split}", s) for s in splits]
+        elif Path(data.path).expanduser().is_dir():
+            files = [str(Path(data.path) / f"{s}.{data.source}") for s in splits]
+        else:
+            files = [data.path]
+        out.append(("data.path", data.path, files, "make the train/eval files with `oapl data prepare`"))
+    if cfg.lag.mode == "offline" and cfg.lag.offline_dataset:
+        out.append(("lag.offline_dataset", cfg.lag.offline_dataset, [cfg.lag.offline_dataset],
+                    "sample it first: `oapl generate CONFIG --out PATH`"))
+    for name, value in (("data.tokenizer", data.tokenizer), ("data.chat_template", data.chat_template),
+                        ("checkpoint.load", cfg.checkpoint.load)):
+        if value and Path(value).expanduser().exists():  # else a hub id / template name: left as it is
+            out.append((name, value, [value], ""))
+    return out
+
+
 def _check_partition(comp: Component, count_nodes: int, cluster: ClusterInfo, *, part_opt: str, nodes_desc: str,
                      cpu_desc: str, gpu_opt: str, errors: list[str]) -> None:
     """The partition exists, is up, and has `count_nodes` nodes with the CPUs and GPUs asked per node."""
@@ -464,7 +493,13 @@ def make_plan(args, cluster: ClusterInfo | None) -> Plan:
         raise LaunchError(errors)
 
     homogeneous = args.homogeneous
-    fleet_nodes = args.fleet_nodes
+    offline = cfg.lag.mode == "offline"  # the learners replay a dataset: no engines anywhere
+    fleet_nodes = args.fleet_nodes if args.fleet_nodes is not None else (0 if offline else 1)
+    if offline and fleet_nodes > 0:
+        errors.append(f"--fleet-nodes={fleet_nodes}: lag.mode='offline' runs no fleet (allowed: 0, the default "
+                      "for offline runs; sample the dataset with `oapl generate` first)")
+    # Fleet nodes that run no engines would idle for the whole job: with fleet nodes, the engines go there.
+    fleet_mode = args.fleet_mode or ("external" if fleet_nodes > 0 else "local")
     mode = "single" if fleet_nodes == 0 else ("homogeneous" if homogeneous else "het")
     learner_partition = _pick(args.learner_partition, args.partition)
     fleet_partition = _pick(args.fleet_partition, args.partition)
@@ -553,9 +588,9 @@ def make_plan(args, cluster: ClusterInfo | None) -> Plan:
         fleet = Component("fleet", fleet_partition, fleet_nodes, 1, fcpn, fg,
                           _pick(args.fleet_account, args.account), _pick(args.fleet_time, args.time),
                           list(args.fleet_sbatch_arg), _pick(args.fleet_container_image, args.container_image))
-        if args.fleet_mode == "external":
+        if fleet_mode == "external":
             num_engines = fleet_nodes * engines_per_node
-    elif args.fleet_mode == "external":
+    elif fleet_mode == "external":
         errors.append("--fleet-mode=external needs fleet nodes (--fleet-nodes >= 1)")
 
     # ---- the cluster
@@ -599,12 +634,29 @@ def make_plan(args, cluster: ClusterInfo | None) -> Plan:
     if hf_path and Path(hf_path).expanduser().exists():
         local_model = Path(hf_path).expanduser().resolve()
         extra.append(f"model.hf_path={json.dumps(str(local_model))}")
+    # Inputs the job reads, made absolute: the job runs in --workdir, not where this command was typed.
+    warnings: list[str] = []
+    inputs: list[tuple[str, Path]] = []
+    for name, value, files, hint in _input_files(cfg):
+        absolute = Path(os.path.abspath(os.path.expanduser(value)))
+        if str(absolute) != value:
+            extra.append(f"{name}={json.dumps(str(absolute))}")
+        inputs.append((name, absolute))
+        missing = [os.path.abspath(os.path.expanduser(f)) for f in files if not Path(f).expanduser().exists()]
+        if missing:
+            verb = "does" if len(missing) == 1 else "do"
+            problem = f"{name}={value}: {', '.join(missing)} {verb} not exist here ({hint})"
+            if args.dry_run:
+                warnings.append(problem + "; the job would fail at its start")
+            else:
+                errors.append(problem)
     container = args.container_image or args.fleet_container_image
     python = args.python or ("python" if container else sys.executable)
     if not args.allow_local_paths:
         checks = [("run_dir", run_dir), ("--workdir", workdir)]
         if local_model:
             checks.append(("model.hf_path", local_model))
+        checks += inputs
         if not container and os.path.isabs(python):
             checks.append(("--python", Path(python)))
         for name, path in checks:
@@ -615,7 +667,7 @@ def make_plan(args, cluster: ClusterInfo | None) -> Plan:
                               "node")
 
     # ---- the job config (resolved, absolute paths; what every rank trains with)
-    if args.fleet_mode == "external":
+    if fleet_mode == "external":
         extra += ["fleet.external=true", f"fleet.num_engines={num_engines}"]
         import importlib.util
 
@@ -641,19 +693,22 @@ def make_plan(args, cluster: ClusterInfo | None) -> Plan:
     if errors:
         raise LaunchError(errors)
 
-    warnings = []
-    if args.fleet_mode == "local" and lg > 0 and fleet is not None:
+    if fleet_mode == "local" and lg > 0 and fleet is not None:
         warnings.append("--fleet-mode=local: the engines run on the learner nodes beside the coordinator (the fleet "
                         "nodes only record their placement); --fleet-mode=external runs them on the fleet nodes")
     mounts = []
     if container:
-        for path in dict.fromkeys(p for p in (workdir, run_dir, local_model) if p is not None):
-            mounts.append(f"{path}:{path}")
+        input_dirs = [p if Path(p).is_dir() else p.parent for _, p in inputs]
+        mounted: list[Path] = []
+        for path in dict.fromkeys(p for p in (workdir, run_dir, local_model, *input_dirs) if p is not None):
+            if not any(m == path or m in path.parents for m in mounted):  # inside a mount already
+                mounted.append(path)
+                mounts.append(f"{path}:{path}")
         for item in args.container_mounts:
             mounts += [m for m in item.split(",") if m]
     return Plan(
         mode=mode, job_name=args.job_name or f"oapl-{run_dir.name}", workdir=workdir, run_dir=run_dir,
-        python=python, learner=learner, fleet=fleet, fleet_mode=args.fleet_mode,
+        python=python, learner=learner, fleet=fleet, fleet_mode=fleet_mode,
         engines_per_node=engines_per_node, num_engines=num_engines, env=env, setup=list(args.setup),
         signal=signal, requeue=args.requeue, max_requeues=args.max_requeues, save_by_minutes=args.save_by,
         master_port=args.master_port, exclusive=args.exclusive, container_mounts=mounts,

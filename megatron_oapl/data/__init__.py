@@ -5,6 +5,7 @@
 - :mod:`.templates`: ``TEMPLATES``, ``apply_template``, ``render_prompt`` (tokenizer chat templates).
 - :mod:`.tokenizer`: ``load_tokenizer``, ``encode_prompt``, ``stop_token_ids``,
   ``train_sentencepiece_tokenizer`` (the embedded default's tiny tokenizer).
+- :mod:`.prepare`: ``oapl data prepare`` (Hugging Face math / code datasets -> the train/eval files above).
 
 Heavy libraries (reasoning-gym, transformers, sentencepiece, pyarrow) are imported inside the functions
 that need them.
