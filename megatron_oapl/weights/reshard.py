@@ -2,7 +2,9 @@
 
 `iter_hf_tensors` gathers one parameter at a time over the TP group (never the whole model on one
 rank); each pipeline stage yields only its own layers. `load_hf_tensors` is the inverse: every rank
-cuts its own shard out of full HF tensors.
+cuts its own shard out of full HF tensors. FP8 parameters (`precision.fp8.fp8_param`: Transformer
+Engine quantized tensors) leave dequantised, so the weight push and the HF export both hand out the
+high-precision weights the learner's forward pass actually used.
 """
 
 from __future__ import annotations
@@ -22,6 +24,15 @@ def _named_parameters(model_chunk):
 
     for name, param in model_chunk.named_parameters():
         yield strip_wrappers(name), param
+
+
+def full_precision(tensor: torch.Tensor) -> torch.Tensor:
+    """A Transformer Engine FP8 parameter as a plain tensor of its nominal dtype (bf16 for a bf16 run);
+    any other tensor unchanged. Its raw bytes are FP8 codes plus a scale kept aside, so gathering,
+    re-laying out or packing it as it is would ship garbage."""
+    from megatron.core.fp8_utils import dequantize_fp8_tensor, is_float8tensor
+
+    return dequantize_fp8_tensor(tensor) if is_float8tensor(tensor) else tensor
 
 
 def iter_hf_tensors(
@@ -44,7 +55,7 @@ def iter_hf_tensors(
             rule = mapping.rule(name, offset)
             if rule is None:
                 continue
-            data = (param.main_grad if grads else param).detach()
+            data = param.main_grad.detach() if grads else full_precision(param).detach()
             if mapping.tp_split_dim(rule[0]) is None or tp_size == 1:
                 shards = [data]
             else:

@@ -11,7 +11,10 @@ checksum) and then the flat bucket; an end marker carries the bucket count. The 
 checksum and the count, and only returns the tensors if everything arrived intact: a corrupt or partial
 push raises `WeightSyncError` and the engine keeps its previous weights. A member that dies (before
 joining or mid-stream) aborts the push on every member at once instead of stalling them until the
-timeout (`WeightGroup`). gloo on CPU, NCCL on GPU: the same code, two backends.
+timeout (`WeightGroup`). gloo on CPU, NCCL on GPU: the same code, two backends. Which one a group uses is
+settled when it forms (`choose_backend`): every member publishes the device it works on, and NCCL is used
+only when each member has a GPU of its own (NCCL refuses two ranks on one GPU: a learner and an engine
+sharing a device get gloo through host memory instead).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
@@ -31,6 +35,10 @@ from megatron_oapl.weights.bucket import BucketHeader, checksum, pack_buckets, u
 
 _ABORT_KEY = "abort"
 _ABORT_POLL_S = 0.05
+_CPU = "cpu"
+
+log = logging.getLogger("oapl.weights")
+_announced: set[tuple[str, str]] = set()  # (backend, why) already logged by this process
 
 
 class WeightSyncError(RuntimeError):
@@ -46,11 +54,52 @@ class Rendezvous:
     epoch: int  # one per sync (and per re-sync of restarted engines)
     stage: int  # pipeline stage whose tensors this group carries
     world_size: int
-    backend: str = "gloo"
+    backend: str = "gloo"  # requested: gloo | nccl | auto; the group settles it (`choose_backend`)
     timeout_s: float = 300.0
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def device_identity(device: torch.device) -> str:
+    """The same name for a device in every process that uses it: "cpu", or the GPU's UUID (device
+    indices are per process: CUDA_VISIBLE_DEVICES renumbers them)."""
+    if device.type != "cuda":
+        return _CPU
+    props = torch.cuda.get_device_properties(device)
+    return f"GPU-{props.uuid}"
+
+
+def choose_backend(requested: str, member_devices: list[str]) -> tuple[str, str]:
+    """(backend, why) of a weight group whose rank i works on `member_devices[i]` (`device_identity`).
+
+    NCCL needs every member on a GPU, and a GPU of its own: it refuses two ranks of one communicator on
+    the same device. Otherwise the group falls back to gloo (a requested "nccl" too: it could not form),
+    which moves the buckets through host memory. Every member computes this from the same list, so all
+    of them agree without another round trip.
+    """
+    if requested not in ("auto", "gloo", "nccl"):
+        raise ValueError(f"fleet.weight_sync.backend={requested!r} is not a backend (allowed: auto, gloo, nccl)")
+    if requested == "gloo":
+        return "gloo", "fleet.weight_sync.backend=gloo"
+    without_gpu = [rank for rank, dev in enumerate(member_devices) if dev == _CPU]
+    if without_gpu:
+        return "gloo", f"rank(s) {without_gpu} of the group have no GPU (NCCL needs one per member)"
+    first_on: dict[str, int] = {}
+    for rank, dev in enumerate(member_devices):
+        if dev in first_on:
+            return "gloo", (f"ranks {first_on[dev]} and {rank} of the group share {dev} "
+                            "(NCCL refuses two ranks on one GPU)")
+        first_on[dev] = rank
+    return "nccl", "every member has a GPU of its own"
+
+
+def default_member_device(requested: str) -> torch.device:
+    """Where a member's buckets live unless it says otherwise: its current GPU, unless gloo was asked for
+    or it has none."""
+    if requested != "gloo" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class WeightStoreServer:
@@ -74,26 +123,48 @@ class WeightGroup:
     (set by the first member that fails), and an optional `check_peers` callback (the coordinator passes
     one that names engines whose process died). Any of them aborts the process group and raises
     `WeightSyncError` on every member within ~`_ABORT_POLL_S`.
+
+    `device`: where this member works (default: its current GPU, if any). Members publish it when they
+    join; the backend follows from all of them (`choose_backend`), and `self.backend` / `self.why` say
+    which was used and why. Buckets travel on `self.device`: the member's GPU under NCCL, host memory
+    under gloo.
     """
 
-    def __init__(self, rdv: Rendezvous, rank: int, check_peers: Callable[[], str | None] | None = None):
+    def __init__(self, rdv: Rendezvous, rank: int, check_peers: Callable[[], str | None] | None = None,
+                 device: torch.device | str | None = None):
         timeout = datetime.timedelta(seconds=rdv.timeout_s)
         store = dist.TCPStore(rdv.addr, rdv.port, is_master=False, timeout=timeout)
         self.rank, self.rdv, self.pg = rank, rdv, None
         self._epoch_store = dist.PrefixStore(f"oapl-weights/{rdv.epoch}", store)
         self._check_peers = check_peers
+        member_device = torch.device(device) if device is not None else default_member_device(rdv.backend)
         # Join barrier before the process group: its constructor would wait the full timeout for a
-        # member that never comes.
+        # member that never comes. Each member's join key holds its device, so that all of them can
+        # settle the backend from the same list.
         joined = [f"joined/{rdv.stage}/{r}" for r in range(rdv.world_size)]
-        self._epoch_store.set(joined[rank], b"1")
+        self._epoch_store.set(joined[rank], device_identity(member_device).encode())
         self._wait_until(lambda: self._epoch_store.check(joined), "joining", poll_s=0.01)
+        devices = [self._epoch_store.get(key).decode() for key in joined]
+        self.backend, self.why = choose_backend(rdv.backend, devices)
+        self._announce()
         prefixed = dist.PrefixStore(str(rdv.stage), self._epoch_store)
-        if rdv.backend == "nccl":
-            self.device = torch.device("cuda", torch.cuda.current_device())
-            self.pg = dist.ProcessGroupNCCL(prefixed, rank, rdv.world_size)
+        if self.backend == "nccl":
+            self.device = member_device  # the communicator is built on the device of the first tensor sent
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            self.pg = dist.ProcessGroupNCCL(prefixed, rank, rdv.world_size, opts)
         else:
             self.device = torch.device("cpu")
             self.pg = dist.ProcessGroupGloo(prefixed, rank, rdv.world_size, timeout)
+
+    def _announce(self) -> None:
+        """The sender logs the group's transport once per process and decision (every push would repeat it)."""
+        if self.rank != 0 or (self.backend, self.why) in _announced:
+            return
+        _announced.add((self.backend, self.why))
+        downgraded = self.rdv.backend == "nccl" and self.backend != "nccl"
+        log.log(logging.WARNING if downgraded else logging.INFO, "weight group transport: %s (%s)%s",
+                self.backend, self.why, ", although nccl was requested" if downgraded else "")
 
     def abort(self, reason: str) -> None:
         """Abort the push for every member of this sync epoch (all stages) and raise here."""

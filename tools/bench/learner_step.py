@@ -6,6 +6,8 @@ machine is noisy; the ratio is what means something). Goal: ratio >= 0.95.
     python tools/bench/learner_step.py                 # 1 rank, tiny model
     python tools/bench/learner_step.py --tp 2          # 2 gloo ranks, TP=2
     python tools/bench/learner_step.py --hidden 256 --layers 4 --rounds 20
+    python tools/bench/learner_step.py --dtype bf16 --hidden 2048 --layers 20 --heads 16 --ffn 5504 \
+        --vocab 32000 --seq 512 --prompts 4      # on a GPU (tools/gpu_check.py turns it into MFU)
 
 Last line: `oapl/ce tokens-per-second ratio: <x>`.
 """
@@ -25,9 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 def bench_config(args) -> dict:
     return {
-        "model": {"num_layers": args.layers, "hidden_size": args.hidden, "ffn_hidden_size": 2 * args.hidden,
-                  "num_attention_heads": 4, "vocab_size": args.vocab, "max_seq_length": args.seq},
+        "model": {"num_layers": args.layers, "hidden_size": args.hidden,
+                  "ffn_hidden_size": args.ffn or 2 * args.hidden, "num_attention_heads": args.heads,
+                  "vocab_size": args.vocab, "max_seq_length": args.seq},
         "parallel": {"tensor_model_parallel_size": args.tp},
+        "precision": {"params_dtype": args.dtype},
         "fleet": {"group_size": args.group_size, "prompts_per_step": args.prompts},
         "optim": {"lr": 1e-5},
     }
@@ -52,7 +56,7 @@ def _ce_forward_step(data_iterator, model):
     import torch
 
     mb = next(data_iterator)
-    positions = torch.arange(mb.seq_length).unsqueeze(0).expand_as(mb.tokens)
+    positions = torch.arange(mb.seq_length, device=mb.tokens.device).unsqueeze(0).expand_as(mb.tokens)
     per_token = model(mb.tokens, positions, None, labels=mb.labels)  # Megatron's own CE path
 
     def loss_func(output):
@@ -69,7 +73,7 @@ def ce_step(policy, batch, ctx):
     for chunk in policy.model:
         chunk.zero_grad_buffer()
     policy.optimizer.zero_grad()
-    local = batch.shard(ctx.dp_rank, ctx.dp_size)
+    local = batch.shard(ctx.dp_rank, ctx.dp_size).to(ctx.device)  # as train_step does (a GPU needs it)
     get_forward_backward_func()(
         forward_step_func=_ce_forward_step, data_iterator=iter([local]), model=policy.model,
         num_microbatches=1, seq_length=local.seq_length, micro_batch_size=local.num_sequences,
@@ -121,6 +125,9 @@ def main() -> int:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--ffn", type=int, default=None, help="MLP hidden size (default 2 x hidden)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="parameter dtype")
     parser.add_argument("--vocab", type=int, default=64)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=16)
