@@ -280,10 +280,17 @@ class FleetConfig:
     """Nucleus sampling threshold, 0 < top_p <= 1."""
     max_new_tokens: int = 8
     """Longest completion; must be < model.max_seq_length."""
+    max_in_flight: int = 256
+    """Sequences each engine keeps in flight (whole groups, at least one): vLLM's continuous batching (also
+    its max_num_seqs), or the light engine's batch."""
+    reproducible: bool = False
+    """true: one group at a time per engine, so a step's groups are bit-identical whatever the engine
+    timing, restarts or fleet size (kill -9 + resume reproduces the run), at the cost of batching.
+    false: groups share the engine's batches; each is still sampled exactly once with its own prompt and
+    seed, but its tokens may depend on what it was batched with (vLLM on recent GPUs: VLLM_BATCH_INVARIANT=1
+    restores bit-identity at a throughput cost)."""
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     """Learner -> fleet weight transport."""
-    rollout_addr: str = "tcp://127.0.0.1:0"
-    """Address of the rollout channel the fleet pushes groups to (port 0 = pick a free port)."""
     vllm_gpu_memory_utilization: float = 0.3
     """Fraction of GPU memory vLLM may take (0 < x <= 1)."""
     max_restarts: int = 3
@@ -699,6 +706,7 @@ _BOUNDS: list[tuple[str, str]] = [
     ("fleet.max_new_tokens", _ONE), ("fleet.weight_sync.bucket_mb", _POS),
     ("fleet.weight_sync.master_port", "in [0, 65535]"), ("fleet.weight_sync.timeout_s", _POS),
     ("fleet.vllm_gpu_memory_utilization", "in (0, 1]"), ("fleet.max_restarts", _NONNEG),
+    ("fleet.max_in_flight", _ONE),
     ("data.num_train_prompts", _ONE), ("data.num_eval_prompts", _NONNEG),
     ("rewards.timeout_s", _POS), ("rewards.num_workers", _ONE),
     ("checkpoint.save_every", _NONNEG), ("checkpoint.keep_last", _ONE),

@@ -30,6 +30,7 @@ POLICY_VERSION = "lag/policy_version"
 GROUP_LAG = "lag/consumed_group_lag_mean"  # version at consumption - group version, over consumed groups
 GROUP_LAG_MAX = "lag/consumed_group_lag_max"
 DROPPED_STALE = "lag/dropped_stale_total"
+DUPLICATE_GROUPS = "lag/duplicate_groups_total"  # a second group for an answered order (refused)
 LOGP_GAP = "lag/engine_learner_logp_gap"  # mean |logp_engine - logp_learner| per sequence (recompute)
 
 # Weight sync.

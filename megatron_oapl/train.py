@@ -29,22 +29,20 @@ import torch.distributed as dist
 from megatron_oapl import metrics as M
 from megatron_oapl.checkpoint import CheckpointManager, StopRequest, install_signal_handlers
 from megatron_oapl.config import from_dict, to_dict
-from megatron_oapl.evaluation import EvalRound
 from megatron_oapl.learner.batch import TrainBatch, build_batch
 from megatron_oapl.learner.distributed import destroy_distributed, init_distributed
 from megatron_oapl.learner.model import build_model, build_policy
 from megatron_oapl.learner.step import NonFiniteGuard, forward_logprobs, train_step
 from megatron_oapl.models.hf_config import resolve_model
 from megatron_oapl.models.hf_mapping import HFMapping
-from megatron_oapl.rollout.dataset import read_groups
-from megatron_oapl.rollout.fleet import Fleet, FleetStopped
-from megatron_oapl.rollout.orders import OrderBook, PromptSampler, step_orders
-from megatron_oapl.rollout.types import RolloutGroup
-from megatron_oapl.schedule import LagSchedule, VersionedBuffer
+from megatron_oapl.rollout.fleet import FleetStopped
+from megatron_oapl.rollout.orders import step_orders
+from megatron_oapl.rollout_sources import DatasetRollouts, FleetRollouts
+from megatron_oapl.schedule import LagSchedule
 from megatron_oapl.weights.hf_io import hf_tensor_reader, save_hf_model
 from megatron_oapl.weights.reshard import iter_hf_tensors, load_hf_tensors
-from megatron_oapl.weights.sync import is_stage_sender, stage_rendezvous
-from megatron_oapl.weights.transport import Rendezvous, WeightGroup, WeightStoreServer, send_weights
+from megatron_oapl.weights.sync import WeightPusher, is_stage_sender, stage_rendezvous
+from megatron_oapl.weights.transport import Rendezvous
 
 log = logging.getLogger("oapl.train")
 
@@ -55,117 +53,33 @@ log = logging.getLogger("oapl.train")
 
 
 class Coordinator:
+    """Rank 0's side of the loop: where the groups come from (`rollout_sources`), TensorBoard, the
+    progress line, and how long the learner waited."""
+
     def __init__(self, cfg, cfg_dict: dict, schedule: LagSchedule, start_step: int = 1, start_position: int = 0,
                  stop: StopRequest | None = None):
-        from megatron_oapl.data.prompts import load_prompts
-
-        self.cfg, self.schedule, self.stop = cfg, schedule, stop
-        sampler = PromptSampler(len(load_prompts(cfg.data, "train")), cfg.data.seed)
-        self.orders = OrderBook(sampler, cfg.seed, cfg.fleet.prompts_per_step, schedule.sync_every,
-                                start_step, start_position)
-        self.replay: list[RolloutGroup] | None = None  # lag.mode=offline: a dataset stands in for the fleet
-        self.store = self.fleet = None
-        if cfg.lag.mode == "offline":
-            self.replay = read_groups(cfg.lag.offline_dataset, cfg.fleet)
-            steps = len(self.replay) // cfg.fleet.prompts_per_step
-            print(f"[oapl] offline round: {len(self.replay)} groups from {cfg.lag.offline_dataset} ({steps} steps; "
-                  "later steps reuse them in the same order), no weight pushes", flush=True)
-        else:
-            self.store = WeightStoreServer(cfg.fleet.weight_sync.master_addr, cfg.fleet.weight_sync.master_port,
-                                           cfg.fleet.weight_sync.timeout_s)
-            self.fleet = Fleet(cfg, cfg_dict, cfg.model.hf_path)
-            if cfg.fleet.external:  # fleet nodes elsewhere find the channels and the weight store here
-                self.fleet.publish((cfg.fleet.weight_sync.master_addr, self.store.port))
-        self.buffer = VersionedBuffer(schedule)
+        self.cfg = cfg
         self.writer = M.MetricsWriter(Path(cfg.run_dir) / "tensorboard", cfg.logging.tensorboard)
-        # eval.every > 0: the fleet evaluates pushed versions (one eval order per held-out prompt).
-        self.eval_prompts = len(load_prompts(cfg.data, "eval")) if cfg.eval.every else 0
-        self.eval_round: EvalRound | None = None
-        self.last_pass_at_1: float | None = None
+        try:
+            self.source = (DatasetRollouts(cfg, start_step, start_position) if cfg.lag.mode == "offline" else
+                           FleetRollouts(cfg, cfg_dict, schedule, self.writer, start_step, start_position, stop))
+        except BaseException:
+            self.writer.close()
+            raise
         self.wait_seconds = self.busy_seconds = 0.0  # run totals (the idle fraction)
         self.step_wait_seconds = 0.0  # this step's wait, reset when the step is logged
-        self.resyncs = 0
-        if self.fleet:
-            self.fleet.should_stop = lambda: bool(stop)
-            try:
-                self.fleet.wait_ready(list(self.fleet.engines), timeout_s=cfg.fleet.weight_sync.timeout_s)
-            except BaseException:
-                self.close()
-                raise
-
-    def start_eval(self, version: int, step: int) -> None:
-        """Have the fleet evaluate `version` (pushed after `step`; 0: the initial weights)."""
-        if self.eval_prompts:
-            self.orders.plan_eval(version, self.eval_prompts)
-            self.eval_round = EvalRound(version, step, self.eval_prompts, self.cfg.eval.num_samples)
-
-    def _eval_group(self, group: RolloutGroup) -> None:
-        if self.eval_round is None or group.policy_version != self.eval_round.version:
-            raise RuntimeError(f"eval group of version {group.policy_version} for prompt {group.order_index}, but "
-                               f"the pending evaluation is {self.eval_round}: an eval order outlived its version")
-        if self.orders.delivered(("eval", group.order_index)):
-            self.eval_round.add(group)
-        if self.eval_round.done:
-            report = self.eval_round.report()
-            self.writer.scalars({M.pass_at(k): v for k, v in report.pass_at_k.items()}, self.eval_round.step)
-            self.last_pass_at_1, self.eval_round = report.pass_at_k[1], None
 
     def next_message(self, step: int | None, version: int) -> dict:
-        """Engines to re-sync (restarted ones), or the groups of this step's work orders (step None: none),
-        or `stop` when a stop signal arrived meanwhile (a preempted job's fleet may be going down with it:
-        waiting on it, or restarting its engines, would outlast the grace period before SIGKILL). Before
-        the step that ends a lag round, and with step None, the pending evaluation must be complete too:
-        the next push replaces the weights it samples."""
-        if self.replay is not None:  # offline: order i is line i % N of the dataset
-            indices = [] if step is None else self.orders.indices(step)
-            return {"groups": [self.replay[i % len(self.replay)] for i in indices]}
         start = time.perf_counter()
-        if step is not None:
-            self.orders.plan_round(step, version)
-        finish_eval = step is None or self.schedule.sync_after(step)
         try:
-            while True:
-                if self.stop:
-                    return {"stop": True}
-                try:
-                    stale, arrived = self.fleet.serve(self.orders, version)
-                except FleetStopped:  # while a restarted engine was starting
-                    return {"stop": True}
-                if stale:  # restarted engines (version 0 weights): re-synced before they get orders
-                    self.resyncs += len(stale)
-                    return {"resync": stale}
-                for group in arrived:
-                    if group.split == "eval":
-                        self._eval_group(group)
-                    elif self.buffer.add(group):
-                        self.orders.delivered(("train", group.order_index))
-                if finish_eval and self.eval_round is not None:
-                    continue
-                groups = [] if step is None else self.buffer.take(self.orders.indices(step))
-                if groups is not None:
-                    return {"groups": groups}
+            return self.source.next_message(step, version)
         finally:
             waited = time.perf_counter() - start
             self.wait_seconds += waited
             self.step_wait_seconds += waited
 
-    def request_sync(self, engine_ids: list[int], version: int, rdvs: list[Rendezvous]) -> None:
-        self.fleet.request_sync(engine_ids, version, [r.to_dict() for r in rdvs])
-
-    def peer_check(self, engine_ids: list[int]):
-        return lambda: self.fleet.dead_among(engine_ids)
-
-    def finish_sync(self, engine_ids: list[int], version: int) -> dict:
-        replies = self.fleet.wait_synced(engine_ids, version, self.cfg.fleet.weight_sync.timeout_s)
-        refused = {i: r["error"] for i, r in replies.items() if r["error"]}
-        if refused:
-            log.error("engines refused version %d: %s", version, refused)
-        evicted = self.buffer.advance(version)
-        return {"evicted": evicted, "seconds": max((r.get("seconds", 0.0) for r in replies.values()), default=0.0)}
-
     def close(self) -> None:
-        if self.fleet:
-            self.fleet.close()
+        self.source.close()
         self.writer.close()
 
 
@@ -212,39 +126,35 @@ class SyncState:
 
     store_addr: str
     store_port: int
+    pusher: WeightPusher
     num_stages: int
     epoch: int = 0
     pushed: bool = False  # a fresh push happened in this process (same on every rank: decides collectives)
-    last_push: list | None = None  # this stage sender's last pushed tensors, for re-syncs
 
-    def rendezvous(self, num_engines: int, cfg) -> list[Rendezvous]:
+    def rendezvous(self, receivers: int, cfg) -> list[Rendezvous]:
+        """One weight group per stage for `receivers` engine ranks (an engine takes one per TP worker)."""
         self.epoch += 1
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        return stage_rendezvous(self.store_addr, self.store_port, self.epoch, self.num_stages, num_engines,
-                                backend, cfg.fleet.weight_sync.timeout_s)
+        # auto: NCCL when every member has a GPU of its own, else gloo (weights/transport.choose_backend)
+        return stage_rendezvous(self.store_addr, self.store_port, self.epoch, self.num_stages, receivers,
+                                cfg.fleet.weight_sync.backend, cfg.fleet.weight_sync.timeout_s)
 
 
-def push(policy, mapping, ctx, rdvs, version, cfg, state: SyncState, from_cache: bool, check_peers=None) -> None:
-    """Every stage's sender streams its tensors (the fresh weights, or the cached last push).
+def push(policy, ctx, rdvs, version, state: SyncState, fresh: bool, check_peers=None) -> None:
+    """Every stage pushes its layers as `version`: the current weights (`fresh`), or the last push again.
     `check_peers` (coordinator only) names engines that died, so the push aborts at once for everyone."""
-    if not from_cache:
-        if ctx.dp_rank == 0:  # the TP gathers are collectives: every rank of the stage takes part
-            tensors = [(n, t.detach().clone().cpu()) for n, t in iter_hf_tensors(policy.model, mapping)]
-            if is_stage_sender(ctx):
-                state.last_push = tensors
-        state.pushed = True
-    if not is_stage_sender(ctx):
-        return
+    state.pushed = state.pushed or fresh
     try:
-        send_weights(WeightGroup(rdvs[ctx.pp_rank], 0, check_peers), state.last_push, version,
-                     int(cfg.fleet.weight_sync.bucket_mb * 2**20))
+        if fresh:
+            state.pusher.push(policy.model, rdvs[ctx.pp_rank], version, check_peers)
+        else:
+            state.pusher.resend(rdvs[ctx.pp_rank], version, check_peers)
     except RuntimeError as err:
         # An engine died during the push: every member aborted, the live engines kept their weights; the
         # coordinator restarts the dead engine and re-syncs every engine that did not confirm this version.
         log.warning("weight push of version %d (stage %d) failed: %s", version, ctx.pp_rank, err)
 
 
-def receive_groups(coordinator, step: int | None, version: int, policy, mapping, ctx, cfg, state: SyncState) -> list:
+def receive_groups(coordinator, step: int | None, version: int, policy, ctx, cfg, state: SyncState) -> list:
     """The groups of `step` (None: none, only the pending evaluation), re-syncing restarted engines first;
     None if a stop signal arrived while waiting. Every rank calls it (re-syncs are collectives); the
     coordinator decides what happens."""
@@ -254,15 +164,15 @@ def receive_groups(coordinator, step: int | None, version: int, policy, mapping,
             return None
         if "groups" in message:
             return message["groups"]
-        rdvs = state.rendezvous(len(message["resync"]), cfg)
+        rdvs = state.rendezvous(message["receivers"], cfg)
         if coordinator:
-            coordinator.request_sync(message["resync"], version, rdvs)
+            coordinator.source.request_sync(message["resync"], version, rdvs)
         # Re-syncs resend the last push (the learner has moved on since); before the first push of
         # this process (start, resume) the current weights are this version's.
-        push(policy, mapping, ctx, rdvs, version, cfg, state, from_cache=state.pushed,
-             check_peers=coordinator.peer_check(message["resync"]) if coordinator else None)
+        push(policy, ctx, rdvs, version, state, fresh=not state.pushed,
+             check_peers=coordinator.source.peer_check(message["resync"]) if coordinator else None)
         if coordinator:
-            coordinator.finish_sync(message["resync"], version)
+            coordinator.source.finish_sync(message["resync"], version)
 
 
 def copy_weights(src_chunks, dst_chunks) -> None:
@@ -311,20 +221,20 @@ def train(cfg_dict: dict) -> None:
         if ctx.is_coordinator:
             try:
                 coordinator = Coordinator(cfg, cfg_dict, schedule, first_step, first_position, stop)
-                # After a resume the engines hold version 0: they are re-synced before any group is admitted.
-                coordinator.buffer.current_version = version
+                if coordinator.source.pushes:  # after a resume the engines hold version 0: they are
+                    coordinator.source.buffer.current_version = version  # re-synced before any group counts
             except FleetStopped as err:
                 log.warning("%s: exiting before the first step", err)
         if not broadcast_from_coordinator(coordinator is not None if ctx.is_coordinator else None):
             return  # stopped while the fleet was starting: nothing trained, nothing to save
         offline = cfg.lag.mode == "offline"  # one round on a dataset: no fleet, no pushes, version 0 throughout
         addr_port = broadcast_from_coordinator(
-            (cfg.fleet.weight_sync.master_addr, coordinator.store.port if coordinator.store else 0)
-            if coordinator else None)
-        state = SyncState(*addr_port, num_stages=ctx.pp_size)
+            (cfg.fleet.weight_sync.master_addr, coordinator.source.store_port) if coordinator else None)
+        pusher = WeightPusher(mapping, ctx, int(cfg.fleet.weight_sync.bucket_mb * 2**20))
+        state = SyncState(*addr_port, pusher=pusher, num_stages=ctx.pp_size)
         progress = _progress(cfg, first_step) if coordinator else None
         if coordinator and first_step == 1:
-            coordinator.start_eval(version, step=0)  # eval.every > 0: the initial weights, logged at step 0
+            coordinator.source.start_eval(version, step=0)  # eval.every > 0: the initial weights, at step 0
         stopping = False
         last_saved = first_step - 1  # the checkpoint this run started from (0: none)
 
@@ -340,13 +250,13 @@ def train(cfg_dict: dict) -> None:
         for step in range(first_step, cfg.optim.train_steps + 1):
             step_start = time.perf_counter()
             # 1. Rollouts of the current version (re-syncing restarted engines first).
-            groups = receive_groups(coordinator, step, version, policy, mapping, ctx, cfg, state)
+            groups = receive_groups(coordinator, step, version, policy, ctx, cfg, state)
             if groups is None:  # a stop signal arrived while waiting: save the last finished step now
                 stopping = True
                 if step - 1 > last_saved:
                     save(step - 1)
-                log.warning("stop requested by signal %s while waiting for rollouts: checkpointed step %d, "
-                            "exiting", stop.signum, last_saved)
+                log.warning("stop requested by %s while waiting for rollouts: checkpointed step %d, "
+                            "exiting", stop.reason, last_saved)
                 break
             consumed_version = version
             batch = batch_from_groups(groups, pad_id)
@@ -368,21 +278,21 @@ def train(cfg_dict: dict) -> None:
             if not offline and schedule.sync_after(step):
                 version += 1
                 sync_start = time.perf_counter()
-                engines = coordinator.fleet.ready_engines() if coordinator else None
-                engines = broadcast_from_coordinator(engines)
-                rdvs = state.rendezvous(len(engines), cfg)
+                engines, receivers = broadcast_from_coordinator(
+                    coordinator.source.sync_targets() if coordinator else None)
+                rdvs = state.rendezvous(receivers, cfg)
                 if coordinator:
-                    coordinator.request_sync(engines, version, rdvs)
-                push(policy, mapping, ctx, rdvs, version, cfg, state, from_cache=False,
-                     check_peers=coordinator.peer_check(engines) if coordinator else None)
+                    coordinator.source.request_sync(engines, version, rdvs)
+                push(policy, ctx, rdvs, version, state, fresh=True,
+                     check_peers=coordinator.source.peer_check(engines) if coordinator else None)
                 if frozen is not None:
                     copy_weights(policy.model, frozen)
                 if coordinator:
-                    coordinator.finish_sync(engines, version)
+                    coordinator.source.finish_sync(engines, version)
                     extra[M.SYNC_SECONDS] = time.perf_counter() - sync_start
-                    extra[M.SYNC_BYTES] = sum(t.numel() * t.element_size() for _, t in state.last_push or [])
+                    extra[M.SYNC_BYTES] = state.pusher.last_bytes
                     if cfg.eval.every and step // cfg.eval.every > (step - schedule.sync_every) // cfg.eval.every:
-                        coordinator.start_eval(version, step)  # this round crossed a multiple of eval.every
+                        coordinator.source.start_eval(version, step)  # this round crossed a multiple of eval.every
             if coordinator:
                 _log_step(coordinator, progress, step, consumed_version, groups, result, extra,
                           time.perf_counter() - step_start, guard)
@@ -391,12 +301,12 @@ def train(cfg_dict: dict) -> None:
             if stopping or step == cfg.optim.train_steps or (every and step % every == 0):
                 save(step)
             if stopping:
-                log.warning("stop requested by signal %s: checkpointed step %d, exiting", stop.signum, step)
+                log.warning("stop requested by %s: checkpointed step %d, exiting", stop.reason, step)
                 break
         if progress:
             progress.close()
         if not stopping:  # a stopped run ends at its checkpoint: no waiting on the fleet, no final export
-            receive_groups(coordinator, None, version, policy, mapping, ctx, cfg, state)  # a pending evaluation
+            receive_groups(coordinator, None, version, policy, ctx, cfg, state)  # a pending evaluation
             _export_final(policy, mapping, ctx, cfg)
     finally:
         if coordinator:
@@ -423,9 +333,7 @@ def _log_step(coord: Coordinator, progress, step, version, groups, result, extra
     coord.busy_seconds += seconds
     values.update({
         M.LOSS: result.loss, M.GRAD_NORM: result.grad_norm, M.LR: result.lr, M.SKIPPED_STEPS: guard.total,
-        M.DROPPED_STALE: coord.buffer.dropped_stale,
-        M.ENGINE_RESTARTS: coord.fleet.restarts_total if coord.fleet else 0,
-        M.ENGINE_RESYNCS: coord.resyncs,
+        **coord.source.counters(),
         M.STEP_SECONDS: seconds, M.WAIT_SECONDS: coord.step_wait_seconds,
         M.TOKENS_PER_SECOND: result.num_tokens / max(seconds, 1e-9),
         M.IDLE_FRACTION: coord.wait_seconds / max(coord.busy_seconds, 1e-9),
@@ -435,8 +343,8 @@ def _log_step(coord: Coordinator, progress, step, version, groups, result, extra
     if step % coord.cfg.logging.log_every == 0:
         coord.writer.scalars(values, step)
     postfix = {"v": version, "reward": f"{values[M.REWARD_MEAN]:.2f}", "acc": f"{values[M.ACCURACY]:.2f}"}
-    if coord.last_pass_at_1 is not None:  # the latest held-out evaluation (eval.every > 0)
-        postfix["pass@1"] = f"{coord.last_pass_at_1:.3f}"
+    if coord.source.last_pass_at_1 is not None:  # the latest held-out evaluation (eval.every > 0)
+        postfix["pass@1"] = f"{coord.source.last_pass_at_1:.3f}"
     progress.set_postfix(postfix, tok_s=f"{values[M.TOKENS_PER_SECOND]:.0f}", refresh=False)
     progress.update(1)
 

@@ -76,7 +76,8 @@ def build_transformer_config(cfg):
         calculate_per_token_loss=True,
         # Fused kernels exist only on GPU (apex / TE / jit CUDA).
         bias_activation_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        # The fused kernel is TE's, or apex's under the local spec (not installed without TE: it would raise).
+        masked_softmax_fusion=on_gpu and use_transformer_engine(),
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
         persist_layer_norm=on_gpu,

@@ -10,7 +10,8 @@
 
 math-verify's own timeouts use `signal.alarm`, which only works in the main thread; `RewardScorer` runs
 rewards in a worker thread, so they are switched off here (`parsing_timeout=None`,
-`timeout_seconds=None`) and the scorer's thread timeout bounds the call instead.
+`timeout_seconds=None`) and the caller bounds the call instead (the engines' reward pool kills a worker
+process that runs past rewards.timeout_s).
 """
 
 from __future__ import annotations

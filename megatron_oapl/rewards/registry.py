@@ -1,4 +1,6 @@
-"""Reward functions by name, and `RewardScorer`: the one call the fleet makes to score a completion.
+"""Reward functions by name, what counts as a score (`validate_score`), and `RewardScorer`, which scores one
+completion in this process (evaluation, tests). The fleet's engines score in worker processes instead
+(`rewards/pool.py`), through the same `build_reward` and `validate_score`.
 
 A reward function is a plain callable `fn(completion_text: str, prompt: Prompt) -> float`. Built-in ones
 (`reasoning_gym`, `math`, `code`) register themselves with `@register_reward(name)` when their module is
@@ -16,12 +18,14 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import numbers
 import threading
 from typing import Any, Callable
 
 from megatron_oapl.rollout.types import Prompt
 
-__all__ = ["RewardFn", "register_reward", "get_reward", "registered_rewards", "RewardScorer"]
+__all__ = ["RewardFn", "register_reward", "get_reward", "registered_rewards", "InvalidScore", "validate_score",
+           "RewardScorer"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +106,49 @@ def get_reward(name: str) -> RewardFn:
     return obj
 
 
+class InvalidScore(ValueError):
+    """A reward function returned something that is not a score (counted as an error, scored 0)."""
+
+
+def validate_score(raw: object, binarize: bool) -> float:
+    """The score a reward function's return value stands for; the one place that decides what is valid.
+
+    Valid: a finite `numbers.Real` -- int, float, bool, Fraction, numpy's real scalars (np.float32, np.int64).
+    bool is accepted on purpose: Python's bool is an int, and a predicate reward (`return gold == answer`)
+    means exactly 1.0 / 0.0; refusing it would turn every such reward into all errors. Everything else is
+    an InvalidScore, never converted: "1.0" (str), None, bytes, numpy arrays (and numpy.bool_, which is not
+    a Real), tensors, Decimal; so is a non-finite value.
+    `binarize`: >= 1.0 (fully correct) -> 1.0, anything else -> 0.0.
+    """
+    if not isinstance(raw, numbers.Real):
+        raise InvalidScore(f"returned {raw!r} ({type(raw).__name__}), not a real number (return a float)")
+    try:
+        value = float(raw)
+    except (TypeError, ValueError, OverflowError) as e:  # e.g. an int too large for a float
+        raise InvalidScore(f"returned {raw!r}, which is not a float ({e})") from None
+    if not math.isfinite(value):
+        raise InvalidScore(f"returned the non-finite score {value}")
+    if binarize:
+        return 1.0 if value >= 1.0 else 0.0
+    return value
+
+
+def build_reward(cfg_rewards: Any) -> RewardFn:
+    """The reward `cfg_rewards.name` names, set up by the rest of the section (`code`: its sandbox,
+    `rewards.code_sandbox`; a ValueError naming that field when the sandbox cannot run here)."""
+    if cfg_rewards.name == "code":
+        from megatron_oapl.rewards.code import build_code_reward
+
+        return build_code_reward(cfg_rewards)
+    return get_reward(cfg_rewards.name)
+
+
 class RewardScorer:
     """Wraps a reward function so that scoring never raises and never blocks longer than timeout_s.
 
-    - An exception, a non-number or a non-finite score counts in `errors` and scores 0.0 (the first few
-      are logged with their message, so a broken reward is visible without flooding the log).
+    - An exception or a result `validate_score` refuses (not a finite real number) counts in `errors` and
+      scores 0.0 (the first few are logged with their message, so a broken reward is visible without
+      flooding the log).
     - A call still running after `timeout_s` counts in `timeouts` and scores 0.0. The function runs in a
       daemon worker thread that `join(timeout)` gives up on; Python cannot kill a thread, so a truly hung
       reward keeps its thread (and whatever it holds) alive until it returns or the process exits
@@ -125,7 +167,7 @@ class RewardScorer:
         self.name: str = cfg_rewards.name
         self.binarize: bool = bool(cfg_rewards.binarize)
         self.timeout_s: float = float(cfg_rewards.timeout_s)
-        self.fn: RewardFn = fn if fn is not None else get_reward(self.name)
+        self.fn: RewardFn = fn if fn is not None else build_reward(cfg_rewards)
         self.calls = 0
         self.errors = 0
         self.timeouts = 0
@@ -162,14 +204,9 @@ class RewardScorer:
         if "error" in box:
             return self._error(prompt, f"{type(box['error']).__name__}: {box['error']}")
         try:
-            value = float(box["value"])
-        except (TypeError, ValueError) as e:
-            return self._error(prompt, f"returned {box['value']!r}, not a number ({e})")
-        if not math.isfinite(value):
-            return self._error(prompt, f"returned the non-finite score {value}")
-        if self.binarize:
-            return 1.0 if value >= 1.0 else 0.0
-        return value
+            return validate_score(box["value"], self.binarize)
+        except InvalidScore as e:
+            return self._error(prompt, str(e))
 
     def _error(self, prompt: Prompt, message: str) -> float:
         with self._lock:

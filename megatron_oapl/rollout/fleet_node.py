@@ -31,6 +31,7 @@ from pathlib import Path
 import zmq
 
 from megatron_oapl.rollout.fleet import COORDINATOR_FILE, restart_refusal, spawn_engine
+from megatron_oapl.rollout.messages import Died
 
 log = logging.getLogger("oapl.fleet_node")
 
@@ -112,8 +113,7 @@ class FleetNode:
             if proc.exitcode == 0:  # the coordinator told it to stop
                 finished += 1
                 continue
-            self.control.send_pyobj({"type": "died", "engine": engine_id, "generation": self.generation[engine_id],
-                                     "exitcode": proc.exitcode})
+            self.control.send_pyobj(Died(engine_id, self.generation[engine_id], proc.exitcode))
             refusal = restart_refusal(self.cfg, engine_id, self.restarts[engine_id], proc.exitcode)
             if refusal:
                 print(f"[fleet] {refusal}", flush=True)

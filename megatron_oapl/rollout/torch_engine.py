@@ -113,14 +113,32 @@ class TorchEngine(Engine):
             new_cache = out.past_key_values
         return out.logits[:, -1, :], new_cache
 
-    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Sample]]:
         check_request(prompts, params)
         seed = params.seed if params.seed is not None else self.seed + self._calls
         self._calls += 1
         if not prompts:
             return []
-        gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        # One generator draws for every row, as before per-prompt seeds existed.
+        return self._sample(prompts, params, [(slice(None), self._generator(seed))])
+
+    def generate_seeded(self, prompts: list[list[int]], params: SamplingParams,
+                        seeds: list[int]) -> list[list[Sample]]:
+        """All prompts decode together; prompt i's rows draw from their own generator seeded with
+        `seeds[i]`, so a prompt alone gives exactly `generate([prompt], seed=seeds[i])` (in a batch, only
+        padding can move its logits by float rounding)."""
+        check_request(prompts, params)
+        n = params.n
+        return self._sample(prompts, params,
+                            [(slice(i * n, (i + 1) * n), self._generator(s)) for i, s in enumerate(seeds)])
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(int(seed))
+
+    @torch.inference_mode()
+    def _sample(self, prompts: list[list[int]], params: SamplingParams,
+                row_generators: list[tuple[slice, torch.Generator]]) -> list[list[Sample]]:
+        """Decode every prompt's `params.n` rows together; the rows of each slice draw from its generator."""
 
         # Rows are prompt-major: row i * n + j is sample j of prompt i.
         rows = [p for p in prompts for _ in range(params.n)]
@@ -145,7 +163,9 @@ class TorchEngine(Engine):
 
         logits, cache = self._forward(input_ids, mask, position_ids, None)
         for step in range(params.max_new_tokens):
-            tokens, logps = sample_with_logprobs(logits, params.temperature, params.top_p, gen)
+            drawn = [sample_with_logprobs(logits[rows], params.temperature, params.top_p, gen)
+                     for rows, gen in row_generators]
+            tokens, logps = torch.cat([t for t, _ in drawn]), torch.cat([lp for _, lp in drawn])
             tok_list, logp_list = tokens.tolist(), logps.tolist()  # host sync, once per step
             for b in range(B):
                 if finished[b]:

@@ -50,7 +50,9 @@ class RolloutGroup:
     engine_id: int = 0
     order_index: int = 0  # the work order it answers (rollout/orders.py): fixes its place in the batches
     split: str = "train"  # "eval": pass@k samples of held-out prompt `order_index`, never trained on
-    generate_seconds: float = 0.0  # the engine's time sampling and scoring this group
+    generate_seconds: float = 0.0  # from the engine taking the order to its last sample scored
+    reward_errors: int = 0  # samples whose reward raised or returned no finite number (scored 0)
+    reward_timeouts: int = 0  # samples whose reward ran past rewards.timeout_s (scored 0)
 
     @property
     def rewards(self) -> list[float]:

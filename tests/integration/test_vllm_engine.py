@@ -13,6 +13,18 @@ start-up costs tens of seconds on 2 CPU cores:
      bit-identical (SHA-1 per parameter) and the same seeded generation gives the same samples as after 2;
   4. a push of version 4 with intact buckets but a missing tensor is refused by the extension's
      completeness check before anything is loaded, with the same guarantees.
+
+A second engine process (`tp2_scenario`) runs vLLM at engine tensor parallelism 2 (two CPU worker
+processes), once for both of its tests:
+  1. one push of version 1 into a group of 1 sender + 3 receiving ranks: a light engine at rank 1 and the TP=2
+     engine at ranks 2 and 3 (`first_rank=2`: each worker joins as `first_rank + its TP rank`); afterwards
+     each worker's own parameters are exactly its slice of the pushed HF tensors, and the engine's log-probs
+     of its samples are those of a `transformers` forward of the pushed checkpoint;
+  2. a push of version 2 with one flipped bit (group of 1 + 2 ranks) is refused by both workers, and no
+     worker's parameters change;
+  3. an intact push of version 3 into a group counted one rank per engine (1 + 1): TP worker 0 receives and
+     verifies all of it, worker 1 has no rank and refuses, so neither loads it (all-or-nothing across the
+     engine's workers).
 """
 
 from __future__ import annotations
@@ -30,7 +42,12 @@ from megatron_oapl.weights.bucket import pack_buckets  # noqa: E402
 from megatron_oapl.weights.sync import stage_rendezvous  # noqa: E402
 from megatron_oapl.weights.transport import WeightGroup, WeightStoreServer, send_bucket, send_end  # noqa: E402
 from tests.support.distributed import run_ranks  # noqa: E402
-from tests.support.sync_workers import learner_push_then_score  # noqa: E402
+from tests.support.sync_workers import (  # noqa: E402
+    PROMPTS,
+    SAMPLING,
+    engine_receive_and_sample,
+    learner_push_then_score,
+)
 from tests.support.vllm_workers import (  # noqa: E402
     LOGPROB_PROMPTS,
     LOGPROB_SETTINGS,
@@ -71,7 +88,7 @@ def scenario(tmp_path_factory) -> Path:
     server = WeightStoreServer()
 
     def rendezvous(epoch: int, stages: int):
-        return stage_rendezvous("127.0.0.1", server.port, epoch=epoch, num_stages=stages, num_engines=1,
+        return stage_rendezvous("127.0.0.1", server.port, epoch=epoch, num_stages=stages, num_receivers=1,
                                 backend="gloo", timeout_s=TIMEOUT_S)
 
     rdvs = {"v1": rendezvous(1, 1), "v2": rendezvous(2, 2), "v3": rendezvous(3, 1), "v4": rendezvous(4, 1)}
@@ -188,3 +205,144 @@ def test_refused_push_keeps_the_old_weights(scenario, name, expect):
     assert out["version"] == 2 and out["report"] is None
     assert out["digest"] == before["digest"]  # bit-identical weights
     assert out["samples"] == before["samples"]  # same seeded generation: same ids and log-probs
+
+
+# ------------------------------------------------------------------------------------------ engine TP = 2
+
+
+@pytest.fixture(scope="module")
+def tp2_scenario(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("vllm_engine_tp2")
+    write_hf_model(root / "engine_model", seed=11)
+    states = {}
+    for name, seed in (("v1", 31), ("v2", 32), ("v3", 33)):
+        state = write_hf_model(root / f"{name}_model", seed=seed)
+        torch.save(state, root / f"{name}_state.pt")
+        states[name] = {k: v for k, v in state.items() if k != "lm_head.weight"}  # tied: not exported
+    server = WeightStoreServer()
+    # Group sizes count ranks, not engines: v1 = the light engine (1) + the TP=2 engine (2).
+    rdvs = {name: stage_rendezvous("127.0.0.1", server.port, epoch=epoch, num_stages=1, num_receivers=receivers,
+                                   backend="gloo", timeout_s=TIMEOUT_S)
+            for name, epoch, receivers in (("v1", 1, 3), ("v2", 2, 2), ("v3", 3, 1))}
+    first_ranks = {"v1": 2, "v2": 1, "v3": 1}
+    pushes = [{"name": name, "version": int(name[1:]), "rendezvous": [r.to_dict() for r in rdvs[name]],
+               "first_rank": first_ranks[name]} for name in ("v1", "v2", "v3")]
+    spawn = mp.get_context("spawn")
+    engine = spawn.Process(  # not daemonic: vLLM starts its TP worker processes from it
+        target=engine_scenario, args=(str(root / "engine_model"), run_config(engine_tp=2), pushes, str(root)),
+        kwargs={"sample_initial": False, "record_shards": True})
+    light = spawn.Process(target=engine_receive_and_sample,
+                          args=(str(root / "engine_model"), pushes[0]["rendezvous"], 1, str(root / "light.pt"), 1))
+    engine.start()
+    light.start()
+    try:
+        _send_push(rdvs["v1"][0], states["v1"], 1, flip_bucket=None)
+        assert _send_push(rdvs["v2"][0], states["v2"], 2, flip_bucket=1) > 2
+        _send_push(rdvs["v3"][0], states["v3"], 3, flip_bucket=None)  # completes: rank 1 received it all
+        wait_for(root / "v3.pt", TIMEOUT_S, alive=engine.is_alive)
+        engine.join(60)
+        light.join(60)
+    finally:
+        for proc in (engine, light):
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(10)
+        error = root / "error.txt"
+        if error.exists():
+            print(error.read_text())
+    assert engine.exitcode == 0, (root / "error.txt").read_text() if (root / "error.txt").exists() else ""
+    assert light.exitcode == 0
+    return root
+
+
+def _tp_slice(vllm_name: str, hf: dict, tp_rank: int, tp: int = 2) -> torch.Tensor:
+    """The part of the full HF tensors that vLLM's worker of `tp_rank` holds under `vllm_name` (Llama layout:
+    q/k/v and gate/up fused and split by output rows, o/down split by input columns, the vocabulary split by
+    rows, norms replicated)."""
+
+    def rows(x):
+        n = x.shape[0] // tp
+        return x[tp_rank * n:(tp_rank + 1) * n]
+
+    def cols(x):
+        n = x.shape[1] // tp
+        return x[:, tp_rank * n:(tp_rank + 1) * n]
+
+    module = vllm_name.rsplit(".", 2)[0]
+    if vllm_name.endswith("qkv_proj.weight"):
+        return torch.cat([rows(hf[f"{module}.{p}_proj.weight"]) for p in "qkv"])
+    if vllm_name.endswith("gate_up_proj.weight"):
+        return torch.cat([rows(hf[f"{module}.{p}_proj.weight"]) for p in ("gate", "up")])
+    if vllm_name.endswith(("o_proj.weight", "down_proj.weight")):
+        return cols(hf[vllm_name])
+    if vllm_name.endswith("embed_tokens.weight"):  # vocab 64: a multiple of vLLM's padding, so no pad rows
+        return rows(hf[vllm_name])
+    if vllm_name.endswith("norm.weight"):
+        return hf[vllm_name]
+    raise AssertionError(f"no TP layout known for {vllm_name!r}")
+
+
+def test_tp2_engine_every_worker_loads_its_slice_of_the_push(tp2_scenario):
+    import transformers
+
+    out = torch.load(tp2_scenario / "v1.pt")
+    assert out["error"] is None and out["version"] == 1
+    assert out["report"]["ok"] and out["report"]["workers"] == 2 and out["report"]["bytes"] > 0
+    assert out["report"]["group_rank"] == 2  # TP rank 0 at first_rank; TP rank 1 took rank 3
+    hf = torch.load(tp2_scenario / "v1_state.pt")
+    initial = dict(torch.load(tp2_scenario / "initial.pt")["shards"])
+    shards = dict(out["shards"])
+    assert sorted(shards) == [0, 1]
+    for tp_rank, params in shards.items():
+        assert len(params) == 14  # embedding, final norm, 2 layers x 6 (lm_head is tied to the embedding)
+        for name, value in params.items():
+            expected = _tp_slice(name, hf, tp_rank)
+            assert torch.equal(value, expected), (tp_rank, name)
+            if not name.endswith("norm.weight"):  # HF inits norms to ones in both checkpoints
+                assert not torch.equal(initial[tp_rank][name], expected), (tp_rank, name)
+    # Each worker's digest (what the refused-push tests compare) sees every changed weight, linear ones too.
+    before_digests, after_digests = torch.load(tp2_scenario / "initial.pt")["digests"], out["digests"]
+    assert len(after_digests) == 2
+    for before, after in zip(before_digests, after_digests):
+        assert before.keys() == after.keys() and len(after) == 14
+        assert all(before[n] != after[n] for n in after if not n.endswith("norm.weight"))
+    # The workers compute with what they hold: log-probs of the engine's own samples = the pushed model's.
+    model = transformers.AutoModelForCausalLM.from_pretrained(tp2_scenario / "v1_model", dtype=torch.float32).eval()
+    engine_lp, ref_lp = [], []
+    for prompt, group in zip(PROMPTS, out["samples"]):
+        for ids, logprobs in group:
+            processed, _, _ = _hf_reference(model, prompt, ids, SAMPLING.temperature, SAMPLING.top_p)
+            engine_lp.append(torch.tensor(logprobs, dtype=torch.float64))
+            ref_lp.append(processed)
+    torch.testing.assert_close(torch.cat(engine_lp), torch.cat(ref_lp), rtol=0, atol=TOKEN_ATOL)
+    light = torch.load(tp2_scenario / "light.pt")  # the light engine at rank 1 of the same group got it too
+    assert light["error"] is None and light["version"] == 1
+    assert torch.equal(light["state"]["model.layers.1.mlp.down_proj.weight"], hf["model.layers.1.mlp.down_proj.weight"])
+
+
+def _assert_kept_v1(scenario: Path, out: dict) -> None:
+    before = torch.load(scenario / "v1.pt")
+    assert out["version"] == 1 and out["report"] is None
+    loaded, kept = dict(before["shards"]), dict(out["shards"])
+    assert sorted(kept) == [0, 1]
+    for tp_rank, params in kept.items():
+        assert params.keys() == loaded[tp_rank].keys()
+        assert all(torch.equal(params[n], loaded[tp_rank][n]) for n in params), tp_rank  # bit-identical
+    assert out["digests"] == before["digests"]
+    assert out["samples"] == before["samples"]  # same seeded generation: same ids and log-probs
+
+
+def test_tp2_engine_corrupt_push_is_refused_by_every_worker(tp2_scenario):
+    out = torch.load(tp2_scenario / "v2.pt")
+    error = out["error"]
+    assert error is not None and "TP worker 0" in error and "TP worker 1" in error, error
+    assert error.count("checksum") == 2, error
+    _assert_kept_v1(tp2_scenario, out)
+
+
+def test_tp2_engine_loads_nothing_unless_every_worker_verified(tp2_scenario):
+    out = torch.load(tp2_scenario / "v3.pt")
+    error = out["error"]
+    assert error is not None and error.startswith("TP worker 1:") and "TP worker 0" not in error, error
+    assert "rank 2" in error and "has 2 ranks" in error, error
+    _assert_kept_v1(tp2_scenario, out)  # worker 0 held an intact copy of version 3 and did not load it

@@ -67,7 +67,7 @@ def test_engine_logprobs_match_learner_after_sync(setup, tmp_path, layout, bucke
     write_hf_model(model_dir, seed=123)  # the engine starts from other weights than the learner's
     tp, pp = (2, 1) if layout == "tp2" else (1, 2)
     server = WeightStoreServer()
-    rdvs = stage_rendezvous("127.0.0.1", server.port, epoch=1, num_stages=pp, num_engines=1,
+    rdvs = stage_rendezvous("127.0.0.1", server.port, epoch=1, num_stages=pp, num_receivers=1,
                             backend="gloo", timeout_s=120)
     samples = tmp_path / "samples.pt"
     engine = start_engine(model_dir, rdvs, 1, samples)
@@ -91,7 +91,7 @@ def test_flipped_byte_is_refused_and_old_weights_stay(tmp_path):
     old = write_hf_model(model_dir, seed=1)
     new = {k: v + 1.0 for k, v in old.items()}
     server = WeightStoreServer()
-    rdvs = stage_rendezvous("127.0.0.1", server.port, epoch=7, num_stages=1, num_engines=1,
+    rdvs = stage_rendezvous("127.0.0.1", server.port, epoch=7, num_stages=1, num_receivers=1,
                             backend="gloo", timeout_s=60)
     out = tmp_path / "engine.pt"
     engine = start_engine(model_dir, rdvs, 5, out)
@@ -118,7 +118,7 @@ def test_failed_push_releases_the_other_tp_ranks(setup, tmp_path):
     gathers, must finish them and return instead of waiting in an all-gather the sender left."""
     root, _ = setup
     server = WeightStoreServer()
-    rdvs = stage_rendezvous("127.0.0.1", server.port, epoch=1, num_stages=1, num_engines=1,
+    rdvs = stage_rendezvous("127.0.0.1", server.port, epoch=1, num_stages=1, num_receivers=1,
                             backend="gloo", timeout_s=3)
     run_ranks(2, learner_push_to_absent_engine, run_config(tp=2, pp=1), str(root / "ref.pt"),
               [r.to_dict() for r in rdvs], str(tmp_path))
@@ -135,7 +135,7 @@ def test_engine_death_aborts_the_push_for_every_member(tmp_path, when):
     old = write_hf_model(model_dir, seed=1)
     server = WeightStoreServer()
     # A timeout far above what the test takes: an abort, not a timeout, must end every member's wait.
-    rdvs = stage_rendezvous("127.0.0.1", server.port, epoch=3, num_stages=1, num_engines=3,
+    rdvs = stage_rendezvous("127.0.0.1", server.port, epoch=3, num_stages=1, num_receivers=3,
                             backend="gloo", timeout_s=600)
     engines = [start_engine(model_dir, rdvs, 2, tmp_path / f"engine{rank}.pt", rank,
                             join_delay_s=600 if (rank == 1 and when == "before-joining") else 0.0)

@@ -42,12 +42,12 @@ def learner_push_then_score(cfg_dict: dict, ref_state_path: str, rdvs: list[dict
     from megatron_oapl.learner.batch import build_batch
     from megatron_oapl.learner.distributed import destroy_distributed
     from megatron_oapl.learner.step import forward_logprobs
-    from megatron_oapl.weights.sync import push_weights
+    from megatron_oapl.weights.sync import WeightPusher
     from tests.support.learner_workers import reference_policy
 
     cfg, ctx, policy, mapping = reference_policy(cfg_dict, ref_state_path)
     try:
-        stats = push_weights(policy.model, mapping, ctx, Rendezvous(**rdvs[ctx.pp_rank]), version, bucket_bytes)
+        stats = WeightPusher(mapping, ctx, bucket_bytes).push(policy.model, Rendezvous(**rdvs[ctx.pp_rank]), version)
         deadline = time.monotonic() + 120
         while not Path(samples_path).exists():
             if time.monotonic() > deadline:
@@ -70,14 +70,14 @@ def learner_push_to_absent_engine(cfg_dict: dict, ref_state_path: str, rdvs: lis
     """Push into a group whose engine never joins: the stage's sender fails, and every rank must still
     return (the other TP ranks are inside the TP gathers of the stream when it does)."""
     from megatron_oapl.learner.distributed import destroy_distributed
-    from megatron_oapl.weights.sync import push_weights
+    from megatron_oapl.weights.sync import WeightPusher
     from megatron_oapl.weights.transport import WeightSyncError
     from tests.support.learner_workers import reference_policy
 
     cfg, ctx, policy, mapping = reference_policy(cfg_dict, ref_state_path)
     try:
         try:
-            push_weights(policy.model, mapping, ctx, Rendezvous(**rdvs[ctx.pp_rank]), 1, 1 << 20)
+            WeightPusher(mapping, ctx, 1 << 20).push(policy.model, Rendezvous(**rdvs[ctx.pp_rank]), 1)
             outcome = "returned"
         except WeightSyncError as err:
             outcome = f"raised: {err}"

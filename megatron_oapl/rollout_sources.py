@@ -1,0 +1,181 @@
+"""Where optimizer step s gets its groups, as the coordinator (global rank 0) sees it.
+
+    FleetRollouts    the fleet samples work orders (rollout/orders.py) with the current version; restarted
+                     engines are re-synced before any of their groups count; pushed versions are evaluated
+                     (eval.every) through the same book
+    DatasetRollouts  lag.mode=offline: the groups a frozen generator wrote with `oapl generate`, in order;
+                     no fleet, no pushes
+
+Both answer `next_message(step, version)` with one of
+    {"groups": [...]}                       step s's groups, in work-order order
+    {"resync": [engine ids], "receivers": n} restarted engines to bring to `version` first (fleet only)
+    {"stop": True}                          a stop signal arrived while waiting
+which `train.receive_groups` broadcasts, so the other ranks see the same answer and join the same pushes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from megatron_oapl import metrics as M
+from megatron_oapl.evaluation import EvalRound
+from megatron_oapl.rollout.dataset import read_groups
+from megatron_oapl.rollout.fleet import Fleet, FleetStopped
+from megatron_oapl.rollout.orders import OrderBook, PromptSampler, step_orders
+from megatron_oapl.rollout.types import RolloutGroup
+from megatron_oapl.schedule import LagSchedule, VersionedBuffer
+from megatron_oapl.weights.transport import Rendezvous, WeightStoreServer
+
+log = logging.getLogger(__name__)
+
+
+class DatasetRollouts:
+    """Step s trains on lines `step_orders(s)` of an offline dataset (reused in order past its end)."""
+
+    pushes = False
+    store_port = 0
+    last_pass_at_1 = None
+
+    def __init__(self, cfg, start_step: int = 1, start_position: int = 0):
+        self.per_step, self.start_step, self.start_position = cfg.fleet.prompts_per_step, start_step, start_position
+        self.groups = read_groups(cfg.lag.offline_dataset, cfg.fleet)
+        print(f"[oapl] offline round: {len(self.groups)} groups from {cfg.lag.offline_dataset} "
+              f"({len(self.groups) // self.per_step} steps; later steps reuse them in the same order), "
+              "no weight pushes", flush=True)
+
+    def next_message(self, step: int | None, version: int) -> dict:
+        indices = [] if step is None else step_orders(step, self.per_step, self.start_step, self.start_position)
+        return {"groups": [self.groups[i % len(self.groups)] for i in indices]}
+
+    def start_eval(self, version: int, step: int) -> None:
+        pass  # the generator is frozen: `oapl train`'s before/after report evaluates the trained policy
+
+    def counters(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class FleetRollouts:
+    """The fleet behind the lag schedule: plans and deals work orders, admits groups of the current
+    version into the buffer (by order index, never by arrival), tallies evaluations."""
+
+    pushes = True
+
+    def __init__(self, cfg, cfg_dict: dict, schedule: LagSchedule, writer: M.MetricsWriter, start_step: int = 1,
+                 start_position: int = 0, stop=None):
+        from megatron_oapl.data.prompts import load_prompts
+
+        self.cfg, self.schedule, self.writer, self.stop = cfg, schedule, writer, stop
+        sampler = PromptSampler(len(load_prompts(cfg.data, "train")), cfg.data.seed)
+        self.orders = OrderBook(sampler, cfg.seed, cfg.fleet.prompts_per_step, schedule.sync_every,
+                                start_step, start_position)
+        self.buffer = VersionedBuffer(schedule)
+        # eval.every > 0: the fleet evaluates pushed versions (one eval order per held-out prompt).
+        self.eval_prompts = len(load_prompts(cfg.data, "eval")) if cfg.eval.every else 0
+        self.eval_round: EvalRound | None = None
+        self.last_pass_at_1: float | None = None
+        self.resyncs = 0
+        self.reward_errors = self.reward_timeouts = 0  # over every group received (train and eval)
+        sync = cfg.fleet.weight_sync
+        self.store = WeightStoreServer(sync.master_addr, sync.master_port, sync.timeout_s)
+        self.store_port = self.store.port
+        self.fleet = Fleet(cfg, cfg_dict, cfg.model.hf_path)
+        self.fleet.should_stop = lambda: bool(stop)
+        try:
+            if cfg.fleet.external:  # fleet nodes elsewhere find the channels and the weight store here
+                self.fleet.publish((sync.master_addr, self.store.port))
+            self.fleet.wait_ready(list(self.fleet.engines), timeout_s=sync.timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------------------------ rollouts
+
+    def next_message(self, step: int | None, version: int) -> dict:
+        """The groups of `step` (None: none), engines to re-sync first, or `stop` when a stop signal arrived
+        meanwhile (a preempted job's fleet may be going down with it: waiting on it, or restarting its
+        engines, would outlast the grace period before SIGKILL). Before the step that ends a lag round, and
+        with step None, the pending evaluation must be complete too: the next push replaces the weights it
+        samples."""
+        if step is not None:
+            self.orders.plan_round(step, version)
+        finish_eval = step is None or self.schedule.sync_after(step)
+        while True:
+            if self.stop:
+                return {"stop": True}
+            try:
+                stale, arrived = self.fleet.serve(self.orders, version)
+            except FleetStopped:  # while a restarted engine was starting
+                return {"stop": True}
+            if stale:  # restarted engines (version 0 weights): re-synced before they get orders
+                self.resyncs += len(stale)
+                return {"resync": stale, "receivers": self.fleet.weight_ranks(stale)}
+            for group in arrived:
+                self._received(group)
+            if finish_eval and self.eval_round is not None:
+                continue
+            groups = [] if step is None else self.buffer.take(self.orders.indices(step))
+            if groups is not None:
+                return {"groups": groups}
+
+    def _received(self, group: RolloutGroup) -> None:
+        self.reward_errors += group.reward_errors
+        self.reward_timeouts += group.reward_timeouts
+        if group.split == "eval":
+            self._eval_group(group)
+        elif self.buffer.add(group):
+            self.orders.delivered(("train", group.order_index))
+
+    # ------------------------------------------------------------------------------------ evaluation
+
+    def start_eval(self, version: int, step: int) -> None:
+        """Have the fleet evaluate `version` (pushed after `step`; 0: the initial weights)."""
+        if self.eval_prompts:
+            self.orders.plan_eval(version, self.eval_prompts)
+            self.eval_round = EvalRound(version, step, self.eval_prompts, self.cfg.eval.num_samples)
+
+    def _eval_group(self, group: RolloutGroup) -> None:
+        if self.eval_round is None or group.policy_version != self.eval_round.version:
+            raise RuntimeError(f"eval group of version {group.policy_version} for prompt {group.order_index}, but "
+                               f"the pending evaluation is {self.eval_round}: an eval order outlived its version")
+        if self.orders.delivered(("eval", group.order_index)):
+            self.eval_round.add(group)
+        if self.eval_round.done:
+            report = self.eval_round.report()
+            self.writer.scalars({M.pass_at(k): v for k, v in report.pass_at_k.items()}, self.eval_round.step)
+            self.last_pass_at_1, self.eval_round = report.pass_at_k[1], None
+
+    # ------------------------------------------------------------------------------------ pushes
+
+    def sync_targets(self) -> tuple[list[int], int]:
+        """The engines of the next push and their receiving ranks."""
+        engines = self.fleet.ready_engines()
+        return engines, self.fleet.weight_ranks(engines)
+
+    def request_sync(self, engine_ids: list[int], version: int, rdvs: list[Rendezvous]) -> None:
+        self.fleet.request_sync(engine_ids, version, [r.to_dict() for r in rdvs])
+
+    def peer_check(self, engine_ids: list[int]):
+        return lambda: self.fleet.dead_among(engine_ids)
+
+    def finish_sync(self, engine_ids: list[int], version: int) -> float:
+        """Wait for the engines' replies, then drop groups of older versions; returns the slowest engine's
+        sync seconds."""
+        replies = self.fleet.wait_synced(engine_ids, version, self.cfg.fleet.weight_sync.timeout_s)
+        refused = {i: r.error for i, r in replies.items() if r.error}
+        if refused:
+            log.error("engines refused version %d: %s", version, refused)
+        self.buffer.advance(version)
+        return max((r.seconds for r in replies.values()), default=0.0)
+
+    def counters(self) -> dict[str, float]:
+        """Run totals for the step's metrics."""
+        return {M.DROPPED_STALE: self.buffer.dropped_stale, M.DUPLICATE_GROUPS: self.buffer.duplicates,
+                M.ENGINE_RESTARTS: self.fleet.restarts_total, M.ENGINE_RESYNCS: self.resyncs,
+                M.REWARD_ERRORS: self.reward_errors, M.REWARD_TIMEOUTS: self.reward_timeouts}
+
+    def close(self) -> None:
+        if getattr(self, "fleet", None) is not None:
+            self.fleet.close()
