@@ -41,7 +41,7 @@ ENGINE_RESYNCS = "fleet/engine_resyncs_total"  # restarted engines brought to th
 
 # Throughput and timers.
 STEP_SECONDS = "time/step_seconds"
-GENERATION_SECONDS = "time/generation_seconds"  # engine time spent sampling+scoring this step's groups (summed)
+GROUP_LATENCY_SECONDS = "time/group_latency_seconds"  # mean over the step's groups: order taken -> last sample scored
 WAIT_SECONDS = "time/wait_for_rollouts_seconds"  # this step's learner idle time, waiting on the fleet
 TOKENS_PER_SECOND = "perf/tokens_per_second"
 IDLE_FRACTION = "perf/learner_idle_frac"  # run so far: time waiting on the fleet / time in steps

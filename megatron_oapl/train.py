@@ -95,7 +95,7 @@ def rollout_metrics(groups, version: int) -> dict[str, float]:
         M.POLICY_VERSION: version,
         M.GROUP_LAG: sum(version - g.policy_version for g in groups) / len(groups),
         M.GROUP_LAG_MAX: max(version - g.policy_version for g in groups),
-        M.GENERATION_SECONDS: sum(g.generate_seconds for g in groups),
+        M.GROUP_LATENCY_SECONDS: sum(g.generate_seconds for g in groups) / len(groups),
     }
 
 

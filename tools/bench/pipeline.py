@@ -52,7 +52,7 @@ def run(name: str, model: str, steps: int, out: Path, *overrides: str) -> dict:
     return {"wall": wall, "step": statistics.median(step_times), "idle": values(M.IDLE_FRACTION)[-1],
             # where a step's time goes (means over steps after start-up; sync spread over all steps)
             "wait": statistics.fmean(waits), "sync": sum(syncs) / steps,
-            "generate": statistics.fmean(values(M.GENERATION_SECONDS)[5:]),
+            "latency": statistics.fmean(values(M.GROUP_LATENCY_SECONDS)[5:]),
             "train": statistics.fmean(step_times) - statistics.fmean(waits)}
 
 
@@ -72,8 +72,8 @@ def main() -> int:
     for name, r in results.items():
         print(f"{name:>9}: wall {r['wall']:6.1f} s, median step {r['step'] * 1e3:6.0f} ms, learner idle "
               f"{r['idle']:.1%}; per step: waiting {r['wait'] * 1e3:5.0f} ms, training+sync "
-              f"{r['train'] * 1e3:5.0f} ms (of which sync {r['sync'] * 1e3:4.0f} ms); engine time generating "
-              f"the step's groups {r['generate'] * 1e3:5.0f} ms")
+              f"{r['train'] * 1e3:5.0f} ms (of which sync {r['sync'] * 1e3:4.0f} ms); a group's latency (order "
+              f"taken -> scored) {r['latency'] * 1e3:5.0f} ms")
     print(f"async/sync wall-clock: {results['async']['wall'] / results['sync']['wall']:.3f}")
     print(f"learner idle fraction (async): {results['async']['idle']:.3f}")
     print(f"recompute/engine step time: {results['recompute']['step'] / results['async']['step']:.3f}")
