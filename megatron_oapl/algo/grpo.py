@@ -18,6 +18,8 @@ unless stated):
                        ``A > 0 and ratio > 1 + eps_high`` or ``A < 0 and ratio < 1 - eps_low``
 - ``ratio_mean``       mean of ``ratio``
 - ``approx_kl``        mean of ``(ratio - 1) - log(ratio)`` (k3 estimator of KL(behaviour || theta))
+- ``abs_log_ratio_mean``  over the ``[P, G]`` sequences: mean of ``|sum_t (logp - logp_behaviour)|``,
+                       the sequence-level drift OAPL reports under the same key
 - ``advantage_mean``   / ``advantage_std`` / ``advantage_min`` / ``advantage_max``:
                        over the ``[P, G]`` sequence advantages (std with unbiased=False)
 - ``degenerate_group_frac``  fraction of groups with all-equal rewards (advantage 0)
@@ -140,6 +142,7 @@ def grpo_loss(
             "clip_frac": (is_clipped & keep).sum().float() / denom,
             "ratio_mean": torch.where(keep, ratio_d, zero).sum() / denom,
             "approx_kl": kl.sum() / denom,
+            "abs_log_ratio_mean": torch.where(keep, lr_d, zero).sum(dim=-1).abs().mean(),
             "advantage_mean": a.mean(),
             "advantage_std": a.std(unbiased=False),
             "advantage_min": a.min(),

@@ -132,3 +132,18 @@ def test_grpo_input_validation():
         grpo_loss(z, z, torch.ones(2, 3, 5), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="eps_low"):
         grpo_loss(z, z, torch.ones(2, 3, 4), torch.zeros(2, 3), eps_low=-0.1)
+
+
+def test_sequence_log_ratio_metric_matches_a_direct_sum():
+    """abs_log_ratio_mean is the per-sequence |sum of token log-ratios| over the valid tokens, averaged
+    over sequences (the key OAPL reports), so lag studies can plot GRPO's drift too."""
+    torch.manual_seed(0)
+    lp = torch.randn(2, 3, 5, dtype=torch.float64)
+    lp_b = torch.randn(2, 3, 5, dtype=torch.float64)
+    mask = torch.ones(2, 3, 5)
+    mask[0, 1, 3:] = 0
+    lp_b[0, 1, 3:] = float("-inf")  # padding may hold -inf behaviour log-probs
+    _, metrics = grpo_loss(lp, lp_b, mask, torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]))
+    want = torch.stack([((lp[p, g] - lp_b[p, g]) * mask[p, g]).nan_to_num().sum().abs()
+                        for p in range(2) for g in range(3)]).mean()
+    assert abs(metrics["abs_log_ratio_mean"].item() - want.item()) < 1e-5
