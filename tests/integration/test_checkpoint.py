@@ -42,6 +42,7 @@ from megatron_oapl.checkpoint import convert
 from megatron_oapl.config import to_dict
 from tests.support.checkpoint_workers import checkpoint_script, hf_conversions
 from tests.support.distributed import run_ranks
+from tests.support.hf_reference import hf_logits
 from tests.support.oapl_case import LR, run_config
 
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, LR / 1000
@@ -295,15 +296,6 @@ def make_hf_model(preset: str, out: Path) -> Path:
     return out
 
 
-def _hf_logits(model_dir: Path) -> torch.Tensor:
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                              attn_implementation="eager")
-    with torch.no_grad():
-        return model(torch.tensor(TOKENS)).logits.float()
-
-
 @pytest.fixture(scope="module")
 def conversions(tmp_path_factory):
     """HF -> Megatron (TP=2) -> HF for every preset; llama through the CLI (`convert.main`), the
@@ -353,7 +345,7 @@ def test_hf_megatron_round_trip_is_exact(conversions, name):
 @pytest.mark.parametrize("name", CONVERSIONS)
 def test_megatron_logits_match_transformers(conversions, name):
     job = conversions[name]
-    reference = _hf_logits(job["hf"])
+    reference = hf_logits(job["hf"], TOKENS)
     assert job["megatron"]["state"]["step"] == 0
     torch.testing.assert_close(job["megatron"]["logits"], reference, rtol=0, atol=1e-4)
 
@@ -372,7 +364,7 @@ def test_exported_directory_loads_with_transformers(conversions, preset):
     assert config["dtype"] == "float32"
     assert (job["out"] / "generation_config.json").is_file()
     # The exported config must describe the same function: same logits as the source model.
-    torch.testing.assert_close(_hf_logits(job["out"]), _hf_logits(job["hf"]), rtol=0, atol=0)
+    torch.testing.assert_close(hf_logits(job["out"], TOKENS), hf_logits(job["hf"], TOKENS), rtol=0, atol=0)
     if preset == "llama":
         tokenizer = transformers.AutoTokenizer.from_pretrained(job["out"])
         assert tokenizer.convert_tokens_to_ids("t5") == 5

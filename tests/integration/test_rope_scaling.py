@@ -24,6 +24,7 @@ from megatron_oapl.checkpoint import convert
 from megatron_oapl.config import RopeScalingConfig, to_dict
 from tests.support.checkpoint_workers import hf_conversions
 from tests.support.distributed import run_ranks
+from tests.support.hf_reference import hf_logits
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
@@ -52,15 +53,6 @@ def make_model(name: str, out: Path) -> Path:
     return out
 
 
-def hf_logits(model_dir: Path) -> torch.Tensor:
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                              attn_implementation="eager")
-    with torch.no_grad():
-        return model(torch.tensor(TOKENS)).logits.float()
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("rope")
@@ -83,7 +75,7 @@ def runs(tmp_path_factory):
     for name in MODELS:
         out[name]["megatron"] = torch.load(logits_dir / f"{name}.pt")["logits"]
         out[name]["unscaled"] = torch.load(logits_dir / f"{name}-unscaled.pt")["logits"]
-        out[name]["reference"] = hf_logits(out[name]["hf"])
+        out[name]["reference"] = hf_logits(out[name]["hf"], TOKENS)
     return out
 
 
@@ -106,4 +98,4 @@ def test_export_writes_the_same_rope_scaling_back(runs, name):
     for key in ("rope_parameters", "rope_scaling", "rope_theta", "head_dim", "max_position_embeddings"):
         assert exported.get(key) == original.get(key), key
     # The round trip keeps the function, not only the fields.
-    torch.testing.assert_close(hf_logits(run["back"]), run["reference"], rtol=0, atol=0)
+    torch.testing.assert_close(hf_logits(run["back"], TOKENS), run["reference"], rtol=0, atol=0)

@@ -43,6 +43,22 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
     return out
 
 
+def kill_9_after_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int, deadline: float) -> None:
+    """SIGKILL the whole run (started with start_new_session) once its step-`step` checkpoint is complete:
+    no handler runs, as in a node failure."""
+    import os
+    import signal
+    import time
+
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (run_dir / "checkpoints" / f"step_{step}").is_dir() and (run_dir / "checkpoints" / "latest").is_file():
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+
 def test_short_run_syncs_on_schedule_and_logs(tiny_model, tmp_path):
     run_dir = tmp_path / "run"
     # A reward that raises on ~1/8 of the samples and hangs on ~1/16: counted, logged, never a stall.
@@ -101,13 +117,7 @@ def test_vllm_fleet_survives_an_engine_kill_and_a_kill_9_resume(tiny_model, tmp_
             time.sleep(1)
         assert proc.poll() is None, "the run ended before the engine could be killed"
         os.kill(int((run_dir / "engines" / "engine-1.pid").read_text()), signal.SIGKILL)
-        while proc.poll() is None and time.monotonic() < deadline:
-            if (run_dir / "checkpoints" / "step_16").is_dir() and (run_dir / "checkpoints" / "latest").is_file():
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: like a node failure
-        proc.communicate(timeout=60)
+        kill_9_after_checkpoint(proc, run_dir, 16, deadline)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -142,14 +152,7 @@ def test_kill_9_then_resume_continues_the_same_trajectory(tiny_model, tmp_path):
     run_dir = tmp_path / "killed"
     proc = oapl_train(tiny_model, run_dir, *args, start_new_session=True)
     try:
-        deadline = time.monotonic() + 400
-        while proc.poll() is None and time.monotonic() < deadline:
-            if (run_dir / "checkpoints" / "step_4").is_dir() and (run_dir / "checkpoints" / "latest").is_file():
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: like a node failure
-        proc.communicate(timeout=60)
+        kill_9_after_checkpoint(proc, run_dir, 4, time.monotonic() + 400)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
