@@ -420,8 +420,8 @@ def _load_run_config(args, extra: list[str], errors: list[str]):
 
 def _input_files(cfg) -> list[tuple[str, str, list[str], str]]:
     """(field, value, files the job will read, how to make them) for the config's input paths: the prompt
-    files of data.source=jsonl|parquet, the offline dataset, and a tokenizer / chat template /
-    checkpoint.load given as a path that exists here."""
+    files of data.source=jsonl|parquet, the offline dataset, and a chat template / checkpoint.load given
+    as a path that exists here."""
     out = []
     data = cfg.data
     if data.source in ("jsonl", "parquet") and data.path:
@@ -436,8 +436,7 @@ def _input_files(cfg) -> list[tuple[str, str, list[str], str]]:
     if cfg.lag.mode == "offline" and cfg.lag.offline_dataset:
         out.append(("lag.offline_dataset", cfg.lag.offline_dataset, [cfg.lag.offline_dataset],
                     "sample it first: `oapl generate CONFIG --out PATH`"))
-    for name, value in (("data.tokenizer", data.tokenizer), ("data.chat_template", data.chat_template),
-                        ("checkpoint.load", cfg.checkpoint.load)):
+    for name, value in (("data.chat_template", data.chat_template), ("checkpoint.load", cfg.checkpoint.load)):
         if value and Path(value).expanduser().exists():  # else a hub id / template name: left as it is
             out.append((name, value, [value], ""))
     return out

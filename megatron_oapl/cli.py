@@ -5,6 +5,8 @@
     oapl eval configs/tiny.yaml --model DIR              pass@k of an HF model directory
     oapl convert megatron-to-hf | hf-to-megatron ...     checkpoint conversion (see its --help)
     oapl launch slurm CONFIG [options]                   heterogeneous SLURM job (see docs/cluster.md)
+    oapl study STUDY.yaml [--parallel N] [--report-only] a grid of runs + report (configs/studies/)
+    oapl data prepare math|code --train SRC --eval SRC --out DIR   HF datasets -> train/eval prompt files
 
 Multi-GPU and SLURM invocations are documented under each subcommand's --help.
 """
@@ -27,17 +29,21 @@ def _config_show(args) -> int:
     return 0
 
 
-def _load(args):
-    from megatron_oapl.config import load_config
+def _load(args, hf_path: str | None = None):
+    """The resolved run config; `hf_path` replaces model.hf_path first (`oapl eval --model`), so the
+    config's own model directory is never read."""
+    import dataclasses
+
+    from megatron_oapl.config import ConfigError, load_config
     from megatron_oapl.models.hf_config import resolve_model
 
-    cfg = resolve_model(load_config(args.config, tuple(args.overrides)))
+    cfg = load_config(args.config, tuple(args.overrides))
+    if hf_path is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hf_path=hf_path))
     if not cfg.model.hf_path:
-        raise SystemExit(
-            "error: model.hf_path is not set: training starts from an HF model directory "
-            "(for the tiny default: python tools/make_tiny_model.py --out runs/tiny-model)"
-        )
-    return cfg
+        raise ConfigError("model.hf_path=null must be set: training starts from an HF model directory "
+                          "(for the tiny default: python tools/make_tiny_model.py --out runs/tiny-model)")
+    return resolve_model(cfg)
 
 
 def _summary_line(before, after) -> str:
@@ -52,31 +58,56 @@ def _summary_line(before, after) -> str:
             f"(gain {gain:+.3f} ± {stderr:.3f} paired, {ratio} SE)")
 
 
+def _stopped(run_dir, end) -> int:
+    """A run that ended before its last step (a signal or a deadline: it saved a checkpoint; or killed on a
+    second signal): where it can resume from."""
+    import signal
+
+    latest = run_dir / "checkpoints" / "latest"
+    ckpt = run_dir / "checkpoints" / latest.read_text().strip() if latest.is_file() else None
+    name = signal.Signals(end.stop_signal).name if end.stop_signal else None
+    if end.killed:
+        what = f"was killed on a second {name}; " + (f"its last complete checkpoint is {ckpt}" if ckpt else
+                                                      "it has no checkpoint yet")
+    else:
+        what = (f"stopped on {name}" if name else "stopped early (see the log)") + (
+            f" at its checkpoint {ckpt}" if ckpt else " before its first checkpoint")
+    print(f"[oapl] the run {what}; run the same command again to resume", file=sys.stderr)
+    return 128 + end.stop_signal if end.stop_signal else 1
+
+
 def _train(args) -> int:
+    import contextlib
     import os
     from pathlib import Path
 
     from megatron_oapl.config import to_dict, to_yaml
+    from megatron_oapl.data.checks import check_run_data
+    from megatron_oapl.run_lock import RunLock
 
     cfg = _load(args)
+    run_dir = Path(cfg.run_dir)
     if "RANK" in os.environ:  # under torchrun / srun: this process is one learner rank
         from megatron_oapl.train import train
 
-        train(to_dict(cfg))
+        # Global rank 0 holds the run directory; every rank checks the data before the first collective.
+        with RunLock(run_dir) if os.environ["RANK"] == "0" else contextlib.nullcontext():
+            check_run_data(cfg)
+            train(to_dict(cfg))
         return 0
     from megatron_oapl.evaluation import evaluate, format_table, write_reports
     from megatron_oapl.launcher import spawn_learners
 
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg, docs=True))
-    before = evaluate(cfg, cfg.model.hf_path, progress=True)
-    print(f"before training: pass@1 {before.pass_at_k[1]:.3f} ± {before.stderr[1]:.3f}", flush=True)
-    spawn_learners(cfg)
-    if not (run_dir / "hf").is_dir():
-        raise SystemExit(f"the run stopped before its last step (a signal; see the log); run the same command "
-                         f"again to resume from its latest checkpoint in {run_dir / 'checkpoints'}")
-    after = evaluate(cfg, str(run_dir / "hf"), progress=True)
+    with RunLock(run_dir):  # refuses a second `oapl train` on this run directory
+        # Everything the ranks and engines will read, read here first: a bad record costs seconds.
+        print(f"[oapl] {check_run_data(cfg)}", flush=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg, docs=True))
+        before = evaluate(cfg, cfg.model.hf_path, progress=True)
+        print(f"before training: pass@1 {before.pass_at_k[1]:.3f} ± {before.stderr[1]:.3f}", flush=True)
+        end = spawn_learners(cfg)
+        if end.stop_signal is not None or not (run_dir / "hf").is_dir():
+            return _stopped(run_dir, end)
+        after = evaluate(cfg, str(run_dir / "hf"), progress=True)
     reports = {"before": before, "after": after}
     write_reports(run_dir / "eval", reports)
     print(format_table(reports))
@@ -90,8 +121,8 @@ def _eval(args) -> int:
 
     from megatron_oapl.evaluation import evaluate, format_table, write_reports
 
-    cfg = _load(args)
-    report = evaluate(cfg, args.model or cfg.model.hf_path, progress=True)
+    cfg = _load(args, hf_path=args.model)
+    report = evaluate(cfg, cfg.model.hf_path, progress=True)
     out = write_reports(Path(args.out or Path(cfg.run_dir) / "eval"), {"model": report})
     print(format_table({"model": report}))
     print(f"report: {out / 'eval.json'}, plot: {out / 'pass_at_k.png'}")
@@ -116,6 +147,12 @@ def _generate(args) -> int:
     return 0
 
 
+def _study(args) -> int:
+    from megatron_oapl.study import main as study_main
+
+    return study_main(args.study, args.parallel, args.report_only, args.dry_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="oapl",
@@ -136,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="run OAPL: learners + engine fleet (+ pass@k before/after on this machine)",
         description="Local: `oapl train configs/tiny.yaml` spawns TP*PP*DP learner ranks and the engines. "
         "Multi-node: run `oapl train CONFIG` under torchrun/srun (one process per GPU; RANK etc. set), "
-        "or submit with `oapl launch slurm` (see docs/).",
+        "or submit with `oapl launch slurm` (see docs/). SIGTERM / SIGUSR1 / Ctrl-C: the ranks save a checkpoint "
+        "and stop (exit code 128 + the signal's number; the same command resumes); a second Ctrl-C kills them. "
+        "Config or data errors, or a run directory in use: one `error:` line, exit code 2.",
     )
     train.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.train_steps=50")
@@ -160,15 +199,35 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, help="optimizer steps to cover (default: optim.train_steps)")
     gen.set_defaults(func=_generate)
 
+    study = sub.add_parser(
+        "study", help="run a grid of training runs from one study YAML (resumable) and write a report",
+        description="Runs every cell of the grid that has not finished (a killed cell resumes from its "
+        "checkpoint), N at a time on this machine, then writes report.md and PNG plots in the study's "
+        "out directory. The file format is in megatron_oapl/study.py; examples in configs/studies/.",
+    )
+    study.add_argument("study", help="study YAML, e.g. configs/studies/lag.yaml")
+    study.add_argument("--parallel", type=int, default=1, help="cells run at once (default 1)")
+    study.add_argument("--report-only", action="store_true", help="only rebuild the report from finished cells")
+    study.add_argument("--dry-run", action="store_true", help="list the cells and their state; run nothing")
+    study.set_defaults(func=_study)
+
     from launch.slurm import add_launch_parser
     from megatron_oapl.checkpoint.convert import add_convert_parser
+    from megatron_oapl.data.prepare import add_data_parser
 
     add_convert_parser(sub)
     add_launch_parser(sub)
+    add_data_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 1 a crash (traceback); 2 a user error: config, data, tokenizer, a run directory
+    in use or with only damaged checkpoints (one `error:` line); 128+N `oapl train` stopped by signal N
+    after saving a checkpoint (the same command resumes); 130 interrupted before training started."""
+    from megatron_oapl.log_setup import setup_logging
+
+    setup_logging()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse ends a nargs="*" positional at the first option, so overrides written after an option
@@ -177,7 +236,21 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C outside the training (while the ranks run, it stops them cleanly)
+        print("[oapl] interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        from megatron_oapl.launcher import RankFailed, is_user_error
+
+        if isinstance(err, RankFailed) and not err.user_error:  # the rank's traceback is printed already
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        if not is_user_error(err):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

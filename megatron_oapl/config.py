@@ -313,8 +313,6 @@ class DataConfig:
     """Dataset file or directory; required for source=jsonl|parquet."""
     chat_template: str | None = None
     """Chat template name or Jinja file; null = the tokenizer's own template, or plain text if none."""
-    tokenizer: str | None = None
-    """Tokenizer path; null = the one in model.hf_path (or the project's tiny tokenizer)."""
     seed: int = 0
     """Seed of prompt generation / shuffling."""
     num_train_prompts: int = 10000
@@ -819,7 +817,8 @@ def validate(cfg: RunConfig, check_hardware: bool = True) -> None:
     blocking = next((p for p in (Path(cfg.run_dir), *Path(cfg.run_dir).parents) if p.exists()), None)
     if blocking is not None and not blocking.is_dir():  # the run directory could never be created
         what = "is" if blocking == Path(cfg.run_dir) else f"is inside {str(blocking)!r}, which is"
-        errors.append(f"run_dir={_fmt(cfg.run_dir)} {what} an existing file (allowed: a directory path, new or existing)")
+        errors.append(f"run_dir={_fmt(cfg.run_dir)} {what} an existing file (allowed: a directory path, new or "
+                      "existing)")
 
     if errors:
         raise ConfigError("\n".join(errors), errors)

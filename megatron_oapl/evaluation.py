@@ -79,7 +79,7 @@ def evaluate(cfg, model_dir: str, progress: bool = False) -> EvalReport:
     """Sample `eval.num_samples` completions per eval prompt with the light engine and score them."""
     from megatron_oapl.data.prompts import load_prompts
     from megatron_oapl.data.templates import render_prompt
-    from megatron_oapl.data.tokenizer import encode_prompt, load_tokenizer, stop_token_ids
+    from megatron_oapl.data.tokenizer import TokenizerError, encode_prompt, load_tokenizer, stop_token_ids
     from megatron_oapl.rewards.registry import RewardScorer
     from megatron_oapl.rollout.torch_engine import TorchEngine
 
@@ -101,6 +101,10 @@ def evaluate(cfg, model_dir: str, progress: bool = False) -> EvalReport:
     for start in chunks:
         chunk = prompts[start : start + _PROMPTS_PER_CALL]
         ids = [encode_prompt(tokenizer, render_prompt(tokenizer, cfg.data.chat_template, p.text)) for p in chunk]
+        empty = next((p for p, i in zip(chunk, ids) if not i), None)
+        if empty is not None:
+            raise TokenizerError(f"eval prompt {empty.prompt_id!r} encodes to no tokens with the tokenizer of "
+                                 f"{model_dir} (is it this model's tokenizer?)")
         for prompt, samples in zip(chunk, engine.generate(ids, params)):
             correct.append(sum(scorer.score(s.text, prompt) == 1.0 for s in samples))
     return report_from_counts(correct, params.n)

@@ -16,6 +16,7 @@ which `train.receive_groups` broadcasts, so the other ranks see the same answer 
 from __future__ import annotations
 
 import logging
+import time
 
 from megatron_oapl import metrics as M
 from megatron_oapl.evaluation import EvalRound
@@ -62,6 +63,7 @@ class FleetRollouts:
     version into the buffer (by order index, never by arrival), tallies evaluations."""
 
     pushes = True
+    STALL_WARNING_S = 10.0  # first "waiting for rollouts" warning; then after 4x, 16x, ... as long
 
     def __init__(self, cfg, cfg_dict: dict, schedule: LagSchedule, writer: M.MetricsWriter, start_step: int = 1,
                  start_position: int = 0, stop=None):
@@ -102,9 +104,13 @@ class FleetRollouts:
         if step is not None:
             self.orders.plan_round(step, version)
         finish_eval = step is None or self.schedule.sync_after(step)
+        start, warn_at = time.monotonic(), self.STALL_WARNING_S
         while True:
             if self.stop:
                 return {"stop": True}
+            if time.monotonic() - start > warn_at:  # say why the learner is idle (an operator's first question)
+                self._warn_stalled(step, version, time.monotonic() - start)
+                warn_at *= 4
             try:
                 stale, arrived = self.fleet.serve(self.orders, version)
             except FleetStopped:  # while a restarted engine was starting
@@ -119,6 +125,13 @@ class FleetRollouts:
             groups = [] if step is None else self.buffer.take(self.orders.indices(step))
             if groups is not None:
                 return {"groups": groups}
+
+    def _warn_stalled(self, step: int | None, version: int, waited: float) -> None:
+        wanted = [] if step is None else self.orders.indices(step)
+        have = sum(i in self.buffer.groups for i in wanted)
+        evals = "" if self.eval_round is None else f", evaluation of version {self.eval_round.version} pending"
+        log.warning("waiting %.0f s for rollouts of step %s (version %d): %d of %d groups in%s; engines alive: %s",
+                    waited, step, version, have, len(wanted), evals, self.fleet.ready_engines())
 
     def _received(self, group: RolloutGroup) -> None:
         self.reward_errors += group.reward_errors

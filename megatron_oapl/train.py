@@ -364,8 +364,12 @@ def _export_final(policy, mapping, ctx, cfg) -> None:
 def main() -> None:
     import sys
 
-    from megatron_oapl.config import load_config
+    import os
 
+    from megatron_oapl.config import load_config
+    from megatron_oapl.log_setup import setup_logging
+
+    setup_logging(f"rank {os.environ.get('RANK', 0)}")
     cfg = load_config(sys.argv[1], tuple(sys.argv[2:]))
     train(to_dict(cfg))
 

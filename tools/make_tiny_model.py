@@ -4,6 +4,8 @@ directory, so the tiny default loads through exactly the path a real HF model ta
 
     python tools/make_tiny_model.py --out runs/tiny-model            # ~1 min on 2 CPU cores
     python tools/make_tiny_model.py --out DIR --sft-steps 50         # faster, weaker (tests)
+    python tools/make_tiny_model.py --scratchpad --config configs/tiny_scratchpad.yaml \
+        --out runs/tiny-scratchpad-model                             # worked answers of 24-40 tokens
 
 The task, template and answer format come from the run config (default configs/tiny.yaml), so the
 warm start sees the same prompts the RL run will.
@@ -29,12 +31,43 @@ from megatron_oapl.data.templates import apply_template  # noqa: E402
 from megatron_oapl.data.tokenizer import encode_prompt, train_sentencepiece_tokenizer  # noqa: E402
 
 
-def build_examples(cfg, tokenizer) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, answer ids + EOS) for every training prompt."""
+def worked_scratchpad(expression: str, answer) -> str:
+    """A chain_sum answer written out: the expression, each partial sum left to right, then the answer in the
+    <answer> tags the reward reads (rewards/reasoning_gym.extract_answer), e.g. for "0 - 4 - 8":
+    " 0 - 4 - 8 ; 0 - 4 is -4 ; -4 - 8 is -12 ; so <answer>-12</answer>" (24-40 tokens for 2-3 one-digit
+    terms with the 128-piece tokenizer), so RL has a long completion to drift on, not an 8-token answer."""
+    terms = expression.split()
+    total, steps = int(terms[0]), []
+    for op, number in zip(terms[1::2], terms[2::2]):
+        if op not in "+-":
+            raise ValueError(f"expression {expression!r}: operator {op!r} is not + or -")
+        new = total + int(number) if op == "+" else total - int(number)
+        steps.append(f"{total} {op} {number} is {new}")
+        total = new
+    if str(total) != str(answer):
+        raise ValueError(f"expression {expression!r} sums to {total}, but the task's answer is {answer!r}")
+    return f" {expression} ; " + " ; ".join(steps) + f" ; so <answer>{answer}</answer>"
+
+
+def completion_text(prompt, scratchpad: bool) -> str:
+    """What the warm start teaches the policy to write after the prompt: " answer", or a worked scratchpad
+    (chain_sum only: the expression comes from the task's metadata)."""
+    if not scratchpad:
+        return " " + str(prompt.answer)
+    expression = (prompt.metadata or {}).get("entry_metadata", {}).get("expression")
+    if expression is None:
+        raise SystemExit(f"error: --scratchpad needs chain_sum prompts (data.task=chain_sum); prompt "
+                         f"{prompt.prompt_id} has no metadata expression")
+    return worked_scratchpad(expression, prompt.answer)
+
+
+def build_examples(cfg, tokenizer, scratchpad: bool = False) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids + EOS) for every training prompt."""
     examples = []
     for p in load_prompts(cfg.data, "train"):
         prompt = encode_prompt(tokenizer, apply_template(cfg.data.chat_template, p.text))
-        answer = tokenizer(" " + str(p.answer), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = (tokenizer(completion_text(p, scratchpad), add_special_tokens=False)["input_ids"]
+                  + [tokenizer.eos_token_id])
         examples.append((prompt, answer))
     return examples
 
@@ -90,6 +123,8 @@ def main() -> int:
     parser.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                         help="lr after the warm-up (constant: stop while still learning, a better RL start)")
     parser.add_argument("--vocab-size", type=int, default=128)
+    parser.add_argument("--scratchpad", action="store_true",
+                        help="teach a worked scratchpad before the answer (24-40 tokens; configs/tiny_scratchpad.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.num_train_prompts=500")
     args = parser.parse_args()
 
@@ -100,7 +135,7 @@ def main() -> int:
     out = Path(args.out)
     start = time.time()
     prompts = load_prompts(cfg.data, "train")
-    texts = [apply_template(cfg.data.chat_template, p.text) + " " + str(p.answer) for p in prompts]
+    texts = [apply_template(cfg.data.chat_template, p.text) + completion_text(p, args.scratchpad) for p in prompts]
     tokenizer = train_sentencepiece_tokenizer(texts, out, vocab_size=args.vocab_size)
     # The same HF config `oapl convert` writes for this model section, with the tokenizer's vocabulary.
     config = hf_config(dataclasses.replace(cfg.model, vocab_size=len(tokenizer)), "fp32")
@@ -108,7 +143,7 @@ def main() -> int:
     config.pad_token_id = tokenizer.pad_token_id
     model = transformers.AutoModelForCausalLM.from_config(config)
     print(f"tiny Llama: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
-    examples = build_examples(cfg, tokenizer)
+    examples = build_examples(cfg, tokenizer, args.scratchpad)
     supervised_warm_start(model, examples, args.sft_steps, args.batch_size, args.lr, cfg.seed, args.schedule)
     model.generation_config.do_sample = True
     model.save_pretrained(out)

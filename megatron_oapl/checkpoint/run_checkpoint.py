@@ -10,16 +10,21 @@ Layout of `run_dir/checkpoints/`:
         config.yaml             the resolved run config (lets `oapl convert megatron-to-hf` build the model)
         manifest.json           every other file: relative path, size, sha256; written once all ranks are done
     tmp-step_30/                a save in progress (or interrupted by a crash): never loaded, removed later
+    trash-step_10/              an old checkpoint being pruned (renamed first, then deleted): removed later
 
 A save writes everything into `tmp-step_N`, barriers, hashes every file (the sha256 work is split over
 the ranks, which read the shared directory; rank 0 gathers the digests), has rank 0 write
 `manifest.json`, rename the directory to `step_N` (atomic on POSIX) and only then replace `latest`
 (temp file + `os.replace`) and prune older checkpoints. A crash at any point leaves the previous
-checkpoint intact. Saves are synchronous. All ranks must see one shared filesystem.
+checkpoint intact. Pruning renames a checkpoint to `trash-step_N` before deleting it, so a kill halfway
+through leaves a `trash-` directory (deleted at the next start or save), never a `step_N` without its
+manifest. Saves are synchronous. All ranks must see one shared filesystem.
 
 Loading checks the manifest before trusting a checkpoint (rank 0 checks sizes, then the ranks share the
 hashing and rank 0 decides and broadcasts); a missing, truncated or corrupted file makes that
-checkpoint refused with a logged message naming the file, and the next older one is tried. The model
+checkpoint refused with a logged message naming the file, and the next older one is tried. When every
+checkpoint of a run is refused, `load_latest` raises `CheckpointRefused` instead of letting the run
+start again from step 1 over them. The model
 and optimizer state then come through Megatron's sharded state dicts, which
 carry global shapes and offsets, so a checkpoint saved with one TP x PP x DP layout loads into another:
 
@@ -67,6 +72,7 @@ META = "meta.json"
 CONFIG = "config.yaml"
 DIST = "dist"
 RNG = "rng"
+TRASH_PREFIX = "trash-"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _HASH_CHUNK = 8 << 20  # 8 MiB reads: checkpoints can be far larger than memory
 
@@ -206,23 +212,53 @@ def _upgrade_meta(meta: dict) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
+# Unix time (seconds) by which a run should checkpoint and stop; `oapl launch slurm --save-by` exports it.
+SAVE_BY_ENV = "OAPL_SAVE_BY_EPOCH"
+
+
+def save_by_deadline(environ=os.environ) -> float | None:
+    """The OAPL_SAVE_BY_EPOCH deadline of this process's environment, or None."""
+    text = environ.get(SAVE_BY_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{SAVE_BY_ENV}={text!r} must be a Unix time in seconds "
+                         "(`oapl launch slurm --save-by MINUTES` sets it)") from None
+
+
 @dataclass
 class StopRequest:
-    """Set by a signal handler; the training loop checks it at step boundaries, saves and exits."""
+    """Set by a signal handler, or due once `deadline` (Unix seconds) has passed; the training loop checks
+    it at step boundaries, saves and exits. The deadline is how a job whose signals may not arrive (some
+    container runtimes) still stops in time: checked at the same step boundaries as a signal."""
 
     requested: bool = False
     signum: int | None = None
+    deadline: float | None = None
     _previous: dict = field(default_factory=dict, repr=False)
 
     def __bool__(self) -> bool:
+        if not self.requested and self.deadline is not None and time.time() >= self.deadline:
+            log.warning("%s=%.0f has passed: will save a checkpoint at the end of this step and exit",
+                        SAVE_BY_ENV, self.deadline)
+            self.requested = True
         return self.requested
 
+    @property
+    def reason(self) -> str:
+        """What asked for the stop, for log lines: the signal's name or the deadline."""
+        if self.signum is not None:
+            return signal.Signals(self.signum).name
+        return f"the {SAVE_BY_ENV} deadline" if self.requested else "nothing"
+
     def agreed(self, group=None) -> bool:
-        """Collective: True on every rank if any rank was signalled (schedulers may signal only some
-        ranks, and all of them must take the same save-and-exit branch)."""
+        """Collective: True on every rank if any rank was signalled or is past the deadline (schedulers may
+        signal only some ranks, node clocks differ, and all ranks must take the same save-and-exit branch)."""
         if not (dist.is_available() and dist.is_initialized()):
-            return self.requested
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
+            return bool(self)
+        flag = torch.tensor([1 if self else 0], dtype=torch.int32)
         if dist.get_backend(group) == "nccl":
             flag = flag.cuda()
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
@@ -235,16 +271,27 @@ class StopRequest:
         self._previous.clear()
 
 
+_received: list[int] = []  # stop signals this process received (through any StopRequest's handler)
+
+
+def received_stop_signal() -> int | None:
+    """The first stop signal this process received, or None: lets a launcher tell a run that was stopped
+    (checkpointed, resumable) from one that ran to its end."""
+    return _received[0] if _received else None
+
+
 def install_signal_handlers(signals: Iterable[int] = (signal.SIGTERM, signal.SIGUSR1)) -> StopRequest:
     """Make `signals` (SLURM's pre-timeout signal, a preemption's SIGTERM) set `.requested` instead of
-    killing the process. Call from the main thread of each rank."""
-    stop = StopRequest()
+    killing the process; the request also comes due at the environment's OAPL_SAVE_BY_EPOCH, if set.
+    Call from the main thread of each rank."""
+    stop = StopRequest(deadline=save_by_deadline())
 
     def handler(signum, frame):
         if not stop.requested:
             log.warning("received %s: will save a checkpoint at the end of this step and exit",
                         signal.Signals(signum).name)
         stop.requested, stop.signum = True, signum
+        _received.append(signum)
 
     for signum in signals:
         stop._previous[signum] = signal.signal(signum, handler)
@@ -648,6 +695,48 @@ def _config_yaml(config) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+class CheckpointRefused(RuntimeError):
+    """No checkpoint that should be loaded verifies; the message names the files and what to do."""
+
+
+def _discard(ckpt: Path) -> None:
+    """Delete a checkpoint directory so that an interruption leaves nothing that looks like a checkpoint:
+    renamed to `trash-<name>` first (atomic), then deleted."""
+    trash = ckpt.with_name(TRASH_PREFIX + ckpt.name)
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(ckpt, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_leftovers(ckpt_root: str | Path) -> None:
+    """Delete what interrupted saves and prunes left (`tmp-*`, `trash-*`). Only while no save runs."""
+    root = Path(ckpt_root)
+    if root.is_dir():
+        for stale in [*root.glob("tmp-*"), *root.glob(TRASH_PREFIX + "*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def prune_checkpoints(ckpt_root: str | Path, keep_last: int, keep: Path | None = None) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints (never `keep`), every `step_N` older
+    than those that has no manifest (what a prune killed halfway left before prunes went through
+    `trash-`: a save writes its manifest before the directory is named `step_N`), and the leftovers of
+    interrupted saves and prunes. Returns the checkpoint directories removed."""
+    root = Path(ckpt_root)
+    found = list_checkpoints(root)
+    complete = [p for p in found if (p / MANIFEST).is_file()]
+    kept = complete[:keep_last]
+    oldest_kept = min((step_of(p) for p in kept), default=None)
+    removed = complete[keep_last:]
+    if oldest_kept is not None:
+        removed += [p for p in found if p not in complete and step_of(p) < oldest_kept]
+    removed = [p for p in removed if p != keep]
+    for old in removed:
+        _discard(old)
+        log.info("removed old checkpoint %s (checkpoint.keep_last=%d)", old, keep_last)
+    remove_leftovers(root)
+    return removed
+
+
 class CheckpointManager:
     """Atomic, verified, resharding run checkpoints under `run_dir/checkpoints`.
 
@@ -680,45 +769,57 @@ class CheckpointManager:
     def _complete(self, final: Path) -> None:
         # `latest` moves only once the checkpoint it names is complete; older ones go only after that.
         write_atomic(self.root / LATEST, final.name + "\n")
-        complete = [p for p in list_checkpoints(self.root) if (p / MANIFEST).is_file()]
-        for old in complete[self.keep_last:]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-                log.info("removed old checkpoint %s (checkpoint.keep_last=%d)", old, self.keep_last)
-        for stale in self.root.glob("tmp-*"):  # interrupted saves; none is in progress now
-            shutil.rmtree(stale, ignore_errors=True)
+        prune_checkpoints(self.root, self.keep_last, keep=final)
 
     def latest_valid(self) -> Path | None:
         """The newest checkpoint whose manifest, sizes and checksums check out. Collective; refused
         checkpoints are logged (naming the bad file) and listed in `self.refused`."""
         self.refused = []
+        if _rank() == 0:  # no save is running: what interrupted saves and prunes left can go
+            remove_leftovers(self.root)
         candidates = _broadcast([str(p) for p in list_checkpoints(self.root)] if _rank() == 0 else None)
-        for ckpt in map(Path, candidates):
+        for i, ckpt in enumerate(map(Path, candidates)):
             problem = _verify_collective(ckpt)
             if problem is None:
                 return ckpt
-            message = f"checkpoint {ckpt} refused: {problem}; falling back to the previous one"
-            self.refused.append(message)
+            self.refused.append(f"checkpoint {ckpt} refused: {problem}")
             if _rank() == 0:
-                log.error(message)
+                more = i + 1 < len(candidates)
+                log.error("%s%s", self.refused[-1], "; falling back to the previous one" if more else "")
         if candidates and _rank() == 0:
             log.error("no intact checkpoint under %s", self.root)
         return None
 
     def load_latest(self, policy, ctx) -> dict | None:
         """Restore the newest intact checkpoint of this run into `policy`. Returns the run state given
-        to `save` (plus `checkpoint_step` and `checkpoint_dir`), or None if there is none. Collective."""
+        to `save` (plus `checkpoint_step` and `checkpoint_dir`), or None if there is none. Collective.
+        Raises CheckpointRefused when checkpoints exist but none verifies: starting from step 1 would
+        overwrite them, and the user may still recover one (or want a new run directory)."""
         found = self.latest_valid()
+        if found is None and self.refused:
+            raise CheckpointRefused(
+                f"every checkpoint under {self.root} is damaged ({'; '.join(self.refused)}), and the run will not "
+                f"start over from step 1 on top of them: resume from a checkpoint you trust with "
+                f"checkpoint.load=PATH, or start a new run with run_dir=NEW_DIR (or move {self.root} away)")
         return None if found is None else self._load(found, policy, ctx)
 
     def load(self, path: str | Path, policy, ctx) -> dict:
         """Restore a given checkpoint (a checkpoint directory, a `checkpoints/` root or a run
         directory; e.g. `checkpoint.load` or the output of `oapl convert hf-to-megatron`). Collective;
-        raises RuntimeError if it does not verify."""
-        ckpt = Path(_broadcast(str(resolve_checkpoint(path)) if _rank() == 0 else None))
+        raises CheckpointRefused (a RuntimeError) if it does not verify."""
+        found = None
+        if _rank() == 0:
+            try:
+                found = str(resolve_checkpoint(path))
+            except FileNotFoundError as err:  # every rank must raise it, not wait in the broadcast
+                found = err
+        found = _broadcast(found)
+        if isinstance(found, FileNotFoundError):
+            raise CheckpointRefused(f"checkpoint.load={str(path)!r}: {found}")
+        ckpt = Path(found)
         problem = _verify_collective(ckpt)
         if problem is not None:
-            raise RuntimeError(f"checkpoint {ckpt} refused: {problem}")
+            raise CheckpointRefused(f"checkpoint.load={str(path)!r}: checkpoint {ckpt} refused: {problem}")
         return self._load(ckpt, policy, ctx)
 
     @staticmethod

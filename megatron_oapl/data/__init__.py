@@ -4,19 +4,23 @@
   ``DataError``.
 - :mod:`.templates`: ``TEMPLATES``, ``apply_template``, ``render_prompt`` (tokenizer chat templates).
 - :mod:`.tokenizer`: ``load_tokenizer``, ``encode_prompt``, ``stop_token_ids``,
-  ``train_sentencepiece_tokenizer`` (the embedded default's tiny tokenizer).
+  ``train_sentencepiece_tokenizer`` (the embedded default's tiny tokenizer), ``TokenizerError``.
+- :mod:`.checks`: ``check_run_data(cfg)``: a run's data read and tokenised up front (`oapl train`).
 - :mod:`.prepare`: ``oapl data prepare`` (Hugging Face math / code datasets -> the train/eval files above).
 
 Heavy libraries (reasoning-gym, transformers, sentencepiece, pyarrow) are imported inside the functions
 that need them.
 """
 
+from .checks import check_run_data
 from .prompts import DataError, load_prompts
 from .templates import TEMPLATES, apply_template, render_prompt
-from .tokenizer import encode_prompt, load_tokenizer, stop_token_ids, train_sentencepiece_tokenizer
+from .tokenizer import TokenizerError, encode_prompt, load_tokenizer, stop_token_ids, train_sentencepiece_tokenizer
 
 __all__ = [
     "DataError",
+    "TokenizerError",
+    "check_run_data",
     "load_prompts",
     "TEMPLATES",
     "apply_template",

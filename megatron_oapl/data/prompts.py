@@ -35,6 +35,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterator
 
+from megatron_oapl.config import ConfigError
 from megatron_oapl.rollout.types import Prompt
 
 __all__ = ["DataError", "SPLITS", "EVAL_SEED_OFFSET", "load_prompts", "jsonable"]
@@ -48,7 +49,8 @@ _SOURCES = ("reasoning_gym", "jsonl", "parquet")
 
 
 class DataError(ValueError):
-    """A dataset record is malformed; the message names the file and the line / row."""
+    """The run's data cannot be used (a malformed record, a prompt that encodes to nothing); the message
+    names the file and line / row, or the prompt."""
 
 
 def load_prompts(data_cfg: Any, split: str, tokenizer: Any = None) -> list[Prompt]:
@@ -64,7 +66,7 @@ def load_prompts(data_cfg: Any, split: str, tokenizer: Any = None) -> list[Promp
     elif source in ("jsonl", "parquet"):
         prompts = _from_file(data_cfg, split, source)
     else:
-        raise ValueError(f"data.source={source!r} must be one of: {', '.join(_SOURCES)}")
+        raise ConfigError(f"data.source={source!r} must be one of: {', '.join(_SOURCES)}")
     if tokenizer is not None:
         from .templates import render_prompt
         from .tokenizer import encode_prompt
@@ -111,17 +113,17 @@ def _create_dataset(cfg: Any, seed: int, size: int) -> Any:
     kwargs = dict(cfg.task_kwargs or {})
     for key, field in (("seed", "data.seed"), ("size", "data.num_train_prompts / data.num_eval_prompts")):
         if key in kwargs:
-            raise ValueError(f"data.task_kwargs must not set {key!r} (it comes from {field})")
+            raise ConfigError(f"data.task_kwargs must not set {key!r} (it comes from {field})")
     try:
         return reasoning_gym.create_dataset(cfg.task, seed=seed, size=size, **kwargs)
     except ValueError as e:
         if "not registered" in str(e):
-            raise ValueError(f"data.task={cfg.task!r} is not a reasoning-gym dataset ({e})") from e
-        raise ValueError(f"data.task_kwargs={kwargs!r} are not valid for reasoning-gym task "
-                         f"{cfg.task!r}: {e}") from e
+            raise ConfigError(f"data.task={cfg.task!r} is not a reasoning-gym dataset ({e})") from e
+        raise ConfigError(f"data.task_kwargs={kwargs!r} are not valid for reasoning-gym task "
+                          f"{cfg.task!r}: {e}") from e
     except (TypeError, AssertionError) as e:
-        raise ValueError(f"data.task_kwargs={kwargs!r} are not valid for reasoning-gym task "
-                         f"{cfg.task!r}: {e or type(e).__name__}") from e
+        raise ConfigError(f"data.task_kwargs={kwargs!r} are not valid for reasoning-gym task "
+                          f"{cfg.task!r}: {e or type(e).__name__}") from e
 
 
 def _rg_prompt(task: str, split: str, index: int, entry: dict[str, Any]) -> Prompt:
@@ -156,8 +158,8 @@ def _reasoning_gym(cfg: Any, split: str) -> list[Prompt]:
                        "%d candidates (data.num_eval_prompts=%d); the task's question space is small",
                        cfg.task, len(prompts), candidates, want)
     elif dropped:
-        logger.info("reasoning-gym task %r: dropped %d eval candidates that repeat a train (or earlier "
-                    "eval) question", cfg.task, dropped)
+        logger.debug("reasoning-gym task %r: dropped %d eval candidates that repeat a train (or earlier "
+                     "eval) question", cfg.task, dropped)
     return prompts
 
 
@@ -169,7 +171,7 @@ def _reasoning_gym(cfg: Any, split: str) -> list[Prompt]:
 def _split_path(cfg: Any, split: str, ext: str) -> tuple[Path, bool]:
     """(file of the split, whether both splits share it)."""
     if not cfg.path:
-        raise ValueError(f"data.path=null must be set when data.source={cfg.source!r}")
+        raise ConfigError(f"data.path=null must be set when data.source={cfg.source!r}")
     if "{split}" in cfg.path:
         path, shared = Path(cfg.path.replace("{split}", split)), False
     elif Path(cfg.path).is_dir():

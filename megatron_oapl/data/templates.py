@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from megatron_oapl.config import ConfigError
+
 __all__ = ["TEMPLATES", "apply_template", "render_prompt"]
 
 TEMPLATES: dict[str, str] = {
@@ -52,7 +54,7 @@ def apply_template(template: str | None, prompt_text: str) -> str:
     if template == "hf" or _is_jinja_file(template):
         raise ValueError(f"data.chat_template={template!r} is rendered through the tokenizer; use "
                          "render_prompt(tokenizer, template, text)")
-    raise ValueError(f"data.chat_template={template!r} is not a known template (allowed: {_ALLOWED})")
+    raise ConfigError(f"data.chat_template={template!r} is not a known template (allowed: {_ALLOWED})")
 
 
 def render_prompt(tokenizer: Any, template: str | None, prompt_text: str) -> str:
@@ -67,15 +69,15 @@ def render_prompt(tokenizer: Any, template: str | None, prompt_text: str) -> str
             return apply_template(None, prompt_text)
     elif template == "hf":
         if not has_chat:
-            raise ValueError("data.chat_template='hf' needs a tokenizer with a chat template; this one has "
-                             f"none (allowed here: {_ALLOWED.replace('hf, ', '')})")
+            raise ConfigError("data.chat_template='hf' needs a tokenizer with a chat template; this one has "
+                              f"none (allowed here: {_ALLOWED.replace('hf, ', '')})")
     elif template in TEMPLATES or _PLACEHOLDER in template:
         return apply_template(template, prompt_text)
     elif _is_jinja_file(template):
         with open(template, encoding="utf-8") as f:
             jinja = f.read()
     else:
-        raise ValueError(f"data.chat_template={template!r} is not a known template (allowed: {_ALLOWED})")
+        raise ConfigError(f"data.chat_template={template!r} is not a known template (allowed: {_ALLOWED})")
     kwargs = {"chat_template": jinja} if jinja is not None else {}
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt_text}], tokenize=False,
                                          add_generation_prompt=True, **kwargs)

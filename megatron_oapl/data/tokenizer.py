@@ -22,24 +22,41 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["load_tokenizer", "encode_prompt", "stop_token_ids", "train_sentencepiece_tokenizer",
+__all__ = ["TokenizerError", "load_tokenizer", "encode_prompt", "stop_token_ids", "train_sentencepiece_tokenizer",
            "SPECIAL_TOKENS"]
 
 # id order of the tiny tokenizer's special pieces
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
 
 
+class TokenizerError(ValueError):
+    """A model directory holds no usable tokenizer; the message names the directory and the fix."""
+
+
+_COPY_TOKENIZER = ("copy the tokenizer files of the model it was trained from (tokenizer.json, "
+                   "tokenizer_config.json, ...) into it")
+
+
 def load_tokenizer(path: str | os.PathLike) -> Any:
     """An HF tokenizer from a local directory (no hub access: local_files_only=True).
 
     A tokenizer without a pad token gets its EOS as pad (padding is masked everywhere it is used).
+    Raises TokenizerError if the directory holds none: transformers may otherwise build an empty one
+    from config.json alone (a Qwen2 directory without tokenizer files encodes every prompt to nothing).
     """
     from transformers import AutoTokenizer
 
     if not Path(path).exists():
-        raise ValueError(f"tokenizer path {str(path)!r} does not exist (data.tokenizer / model.hf_path must "
-                         "be a local directory holding tokenizer files)")
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        raise TokenizerError(f"tokenizer path {str(path)!r} does not exist (model.hf_path must be a local "
+                             "directory holding tokenizer files)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as err:
+        said = " ".join(str(err).split())[:300] or type(err).__name__  # one line: transformers' is several
+        raise TokenizerError(f"{path} holds no tokenizer transformers can load ({said}): {_COPY_TOKENIZER}") from None
+    if len(tok.get_vocab()) <= len(set(tok.all_special_tokens)):
+        raise TokenizerError(f"{path} holds no tokenizer (transformers built an empty {type(tok).__name__} from its "
+                             f"config.json): {_COPY_TOKENIZER}")
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok

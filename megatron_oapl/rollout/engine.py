@@ -88,5 +88,16 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None: ...
 
+    def sync_from(self, rendezvous: list, first_rank: int, version: int) -> None:
+        """Take one weight push: join every pipeline stage's weight group as rank `first_rank` (this engine's
+        workers take ranks first_rank .. first_rank + weight_ranks - 1), verify, load. Raises
+        `WeightSyncError` with nothing loaded when the push is corrupt, partial or aborted. Here this
+        process receives and `load_weights` applies; `VLLMEngine` has its workers receive themselves."""
+        from megatron_oapl.rollout.weight_receiver import receive_all_stages
+        from megatron_oapl.weights.transport import Rendezvous
+
+        rdvs = [r if isinstance(r, Rendezvous) else Rendezvous(**r) for r in rendezvous]
+        self.load_weights(receive_all_stages(rdvs, first_rank, version), version)  # all-or-nothing
+
     def close(self) -> None:
         pass

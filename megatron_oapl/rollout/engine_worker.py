@@ -104,7 +104,10 @@ class EngineWorker:
         }
         self.rewards = RewardPool(cfg.rewards, cfg.rewards.num_workers)
         self.pending: list[Order] = []  # dealt, not yet submitted to the engine
-        self.groups: dict[tuple[str, int], _Group] = {}  # submitted, not yet sent
+        # Submitted, not yet sent, by submission number: an order key can come back (eval prompt i at every
+        # version), a submission number never does, so a late reward result cannot land in a newer group.
+        self.groups: dict[int, _Group] = {}
+        self.submissions = 0
         self.outbox: list[bytes] = []  # scored groups the rollout channel could not take yet
         self.zctx = zmq.Context()
         self.control = self.zctx.socket(zmq.DEALER)
@@ -128,8 +131,8 @@ class EngineWorker:
             for result in self.rewards.poll(0 if busy or not self.rewards.pending() else 0.02):
                 self._scored(result)
             self._send()
-            if not busy and not self.rewards.pending() and not self.outbox:
-                self.control.poll(50)  # nothing to do until the coordinator says something
+            if not busy and not self.rewards.pending():  # wait for the coordinator (or the rollout channel)
+                self.control.poll(10 if self.outbox else 50)
 
     def _handle_control(self) -> bool:
         """Process pending control messages; False once told to stop."""
@@ -146,37 +149,38 @@ class EngineWorker:
         return True
 
     def _submit(self) -> None:
-        limit = 1 if self.cfg.fleet.reproducible else self.cfg.fleet.max_in_flight
         while self.pending:
             order = self.pending[0]
             params = replace(self.params[order.split], seed=order.seed)
             in_flight = self.engine.in_flight()
-            if in_flight and (self.cfg.fleet.reproducible or in_flight + params.n > limit):
+            # One group at a time when reproducible; else whole groups up to fleet.max_in_flight sequences.
+            if in_flight and (self.cfg.fleet.reproducible or in_flight + params.n > self.cfg.fleet.max_in_flight):
                 return
             self.pending.pop(0)
             if order.split not in self.tables:
                 self.tables[order.split] = PromptTable(self.cfg, self.tokenizer, order.split)
             prompt = self.tables[order.split].get(order.prompt_index)
-            self.groups[order.key] = _Group(order, prompt, params, time.perf_counter())
-            self.engine.submit(order.key, prompt.token_ids, params)
+            self.submissions += 1
+            self.groups[self.submissions] = _Group(order, prompt, params, time.perf_counter())
+            self.engine.submit(self.submissions, prompt.token_ids, params)
 
-    def _score(self, key, samples: list[Sample]) -> None:
-        group = self.groups[key]
+    def _score(self, submission: int, samples: list[Sample]) -> None:
+        group = self.groups[submission]
         group.version, group.samples, group.unscored = self.engine.version, samples, len(samples)
         for i, sample in enumerate(samples):
-            self.rewards.submit((key, i), sample.text, group.prompt)
+            self.rewards.submit((submission, i), sample.text, group.prompt)
 
     def _scored(self, result) -> None:
-        key, i = result.key
-        group = self.groups.get(key)
+        submission, i = result.key
+        group = self.groups.get(submission)
         if group is None:  # its order was dropped by a sync meanwhile
             return
         group.samples[i].reward = result.value
-        group.reward_errors += result.error is not None and not result.timed_out
-        group.reward_timeouts += result.timed_out
+        group.reward_errors += int(result.error is not None)  # a timeout is counted apart (error None)
+        group.reward_timeouts += int(result.timed_out)
         group.unscored -= 1
         if group.unscored == 0:
-            del self.groups[key]
+            del self.groups[submission]
             o = group.order
             self.outbox.append(pickle.dumps(RolloutGroup(
                 group.prompt, group.samples, group.version, group.params.temperature, group.params.top_p,
@@ -194,9 +198,7 @@ class EngineWorker:
     def _sync(self, msg: Sync) -> None:
         """Join the push of `msg.version`. Orders of older versions belong to finished rounds (or were
         dealt again elsewhere): they are dropped, in flight or not, before the weights change."""
-        from megatron_oapl.rollout.vllm_engine import supports_direct_sync
-        from megatron_oapl.rollout.weight_receiver import receive_all_stages
-        from megatron_oapl.weights.transport import Rendezvous, WeightSyncError
+        from megatron_oapl.weights.transport import WeightSyncError
 
         old = [k for k, g in self.groups.items() if g.order.version < msg.version]
         self.engine.abort(old)
@@ -208,12 +210,7 @@ class EngineWorker:
         # A refused push leaves the weights and version as they were: say so and carry on. Any other error
         # (a failed load) may have left the model half-written: it ends this process, which is restarted.
         try:
-            if supports_direct_sync(self.engine):  # vLLM: its workers join the weight groups themselves
-                self.engine.sync_from(msg.rendezvous, msg.first_rank, msg.version)
-            else:
-                rdvs = [Rendezvous(**r) for r in msg.rendezvous]
-                tensors = receive_all_stages(rdvs, msg.first_rank, msg.version)
-                self.engine.load_weights(tensors, msg.version)  # all-or-nothing
+            self.engine.sync_from(msg.rendezvous, msg.first_rank, msg.version)
             reply = replace(reply, seconds=time.perf_counter() - start)
         except WeightSyncError as err:
             reply = replace(reply, error=f"{type(err).__name__}: {err}")
@@ -233,9 +230,11 @@ def engine_main(engine_id: int, generation: int, cfg_dict: dict, model_dir: str,
     import torch
 
     from megatron_oapl.config import from_dict
+    from megatron_oapl.log_setup import setup_logging
     from megatron_oapl.procs import die_with_parent
 
     die_with_parent()
+    setup_logging(f"engine {engine_id}")
     torch.set_num_threads(1)
     cfg = from_dict(cfg_dict, check_hardware=False)
     # The pid file lets operators (and tests) find this engine among the run's processes.

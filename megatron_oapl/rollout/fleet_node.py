@@ -138,8 +138,10 @@ class FleetNode:
 
 def main(argv: list[str] | None = None) -> int:
     from megatron_oapl.config import load_config, to_dict
+    from megatron_oapl.log_setup import setup_logging
     from megatron_oapl.models.hf_config import resolve_model
 
+    setup_logging("fleet node")
     parser = argparse.ArgumentParser(prog="python -m megatron_oapl.rollout.fleet_node",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("config", help="the run's YAML config (under SLURM: RUN_DIR/launch/config.yaml)")

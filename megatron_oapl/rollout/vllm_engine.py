@@ -65,19 +65,13 @@ from megatron_oapl.rollout.types import Sample, SamplingParams
 from megatron_oapl.rollout.vllm_extension import EXTENSION_QUALNAME
 from megatron_oapl.weights.transport import Rendezvous, WeightSyncError
 
-__all__ = ["VLLMEngine", "supports_direct_sync"]
+__all__ = ["VLLMEngine"]
 
 log = logging.getLogger(__name__)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 _CPU_KV_SEQS = 256  # sequences of max_model_len tokens the explicit CPU KV cache holds
 _CPU_KV_MIN_BYTES = 64 << 20
-
-
-def supports_direct_sync(engine: Any) -> bool:
-    """True if the engine receives weight pushes itself (`engine.sync_from(rendezvous, rank, version)`),
-    instead of the caller receiving the tensors and handing them to `engine.load_weights`."""
-    return callable(getattr(engine, "sync_from", None))
 
 
 def _tokens_prompt(token_ids: list[int]):

@@ -319,11 +319,11 @@ def test_homogeneous_fallback_runs(cluster, tiny_model, tmp_path):
 
 def held_after_first_checkpoint(run_dir: Path, cluster: SlurmCluster, steps: int) -> tuple[list[str], dict]:
     """Overrides and job environment that hold the job's first attempt once it has checkpointed step 2
-    (tests/support/requeue_gate.py), so a requeue or signal always lands mid-run, however fast the
+    (tests/support/gated_rewards.py), so a requeue or signal always lands mid-run, however fast the
     machine trains."""
     overrides = [o for o in TINY if not o.startswith("optim.train_steps")] + [
         f"optim.train_steps={steps}", "checkpoint.save_every=2",
-        "rewards.name=tests.support.requeue_gate:gated_reasoning_gym", "rewards.timeout_s=3600"]
+        "rewards.name=tests.support.gated_rewards:gated_reasoning_gym", "rewards.timeout_s=3600"]
     return overrides, {**cluster.env, "OAPL_GATE_RUN_DIR": str(run_dir)}
 
 

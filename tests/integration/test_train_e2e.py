@@ -23,12 +23,15 @@ def tiny_model(tmp_path_factory) -> Path:
     return out
 
 
-def oapl_train(model_dir: Path, run_dir: Path, *overrides: str, start_new_session: bool = False) -> subprocess.Popen:
+COMMON = ("data.num_eval_prompts=16", "data.num_train_prompts=500", "eval.num_samples=4", "fleet.prompts_per_step=4")
+
+
+def oapl_train(model_dir: Path, run_dir: Path, *overrides: str, start_new_session: bool = False,
+               env: dict | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "megatron_oapl.cli", "train", str(ROOT / "configs" / "tiny.yaml"),
-           f"model.hf_path={model_dir}", f"run_dir={run_dir}", "data.num_eval_prompts=16", "data.num_train_prompts=500",
-           "eval.num_samples=4", "fleet.prompts_per_step=4", *overrides]
+           f"model.hf_path={model_dir}", f"run_dir={run_dir}", *COMMON, *overrides]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=start_new_session)
+                            start_new_session=start_new_session, env=env)
 
 
 def scalars(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -238,39 +241,48 @@ def test_offline_round_replays_a_generated_dataset(tiny_model, tmp_path):
 
 
 def test_stop_signal_while_the_fleet_is_unresponsive_saves_the_last_step_and_exits(tiny_model, tmp_path):
-    """The engine is frozen (SIGSTOP) mid-run, so the learner ends up waiting for rollouts that never come
-    (a preempted job's fleet goes down with it); SIGTERM to the learner ranks must still end the run at
-    once with the last trained step checkpointed, and `oapl train` says how to resume."""
+    """The fleet never delivers step 3 (its reward hangs on every prompt but steps 1-2's:
+    tests/support/gated_rewards.py), so the learner waits for rollouts that never come (a preempted job's
+    fleet goes down with it). Once the coordinator warns that it is waiting, SIGTERM to the learner ranks
+    must end the run at once with the last trained step checkpointed, and `oapl train` says how to resume."""
+    import json
     import os
     import signal
+    import threading
     import time
 
+    from megatron_oapl.config import load_config
+    from megatron_oapl.data.prompts import load_prompts
+    from megatron_oapl.rollout.orders import PromptSampler
+
     run_dir = tmp_path / "run"
-    # No push in this run (L > steps): only the frozen engine's silence can block the learner.
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), (f"model.hf_path={tiny_model}", *COMMON))
+    prompts = load_prompts(cfg.data, "train")
+    sampler = PromptSampler(len(prompts), cfg.data.seed)
+    allowed = tmp_path / "steps-1-2.json"  # the prompts of work orders 0..7: steps 1 and 2
+    allowed.write_text(json.dumps([prompts[sampler.prompt_index(i)].prompt_id for i in range(8)]))
+    # No push in this run (L > steps): only the fleet's silence can block the learner.
     proc = oapl_train(tiny_model, run_dir, "optim.train_steps=200", "lag.sync_every=1000",
-                      "checkpoint.save_every=2", "checkpoint.keep_last=100")
-    ckpts = run_dir / "checkpoints"
+                      "rewards.name=tests.support.gated_rewards:prompt_gated_reasoning_gym", "rewards.timeout_s=3600",
+                      env={**os.environ, "OAPL_GATE_PROMPTS": str(allowed)})
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     deadline = time.monotonic() + 300
-    while not (ckpts / "step_2").is_dir():
-        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint of step 2"
+    while not any("waiting" in line and "rollouts of step 3" in line for line in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
         time.sleep(0.2)
-    os.kill(int((run_dir / "engines" / "engine-0.pid").read_text()), signal.SIGSTOP)
-    seen, quiet_since = None, time.monotonic()
-    while time.monotonic() - quiet_since < 8:  # the learner has used up the buffered groups and waits
-        latest = sorted(ckpts.glob("step_*"))
-        if latest != seen:
-            seen, quiet_since = latest, time.monotonic()
-        time.sleep(0.5)
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-    ranks = [int(p) for p in children if "resource_tracker" not in Path(f"/proc/{p}/cmdline").read_text()]
-    assert len(ranks) == 2, children  # the TP=2 learner ranks
+    ranks = [int(p.read_text()) for p in sorted((run_dir / "ranks").glob("rank-*.pid"))]
+    assert len(ranks) == 2, ranks  # the TP=2 learner ranks
     for pid in ranks:
         os.kill(pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=180)  # before the fix: waits for rollouts that never come
+    proc.wait(timeout=180)  # before the fix: waits for rollouts that never come
+    reader.join(timeout=10)
+    out = "".join(lines)
     assert proc.returncode != 0 and "run the same command again to resume" in out, out[-3000:]
     assert "while waiting for rollouts" in out and not (run_dir / "hf").exists(), out[-3000:]
-    trained = max(scalars(run_dir)[M.LOSS])
-    assert (ckpts / "latest").read_text().strip() == f"step_{trained}"  # no trained step lost
+    assert max(scalars(run_dir)[M.LOSS]) == 2
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_2"  # no trained step lost
 
 
 def test_a_bad_data_record_is_one_error_line_before_anything_starts(tiny_model, tmp_path):

@@ -60,13 +60,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="tiny HF model dir (tools/make_tiny_model.py)")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides for all three runs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         results = {
-            "async": run("async", args.model, args.steps, out, "lag.sync_every=10"),
-            "sync": run("sync", args.model, args.steps, out, "lag.sync_every=1"),
-            "recompute": run("recompute", args.model, args.steps, out, "lag.sync_every=10",
+            "async": run("async", args.model, args.steps, out, *args.overrides, "lag.sync_every=10"),
+            "sync": run("sync", args.model, args.steps, out, *args.overrides, "lag.sync_every=1"),
+            "recompute": run("recompute", args.model, args.steps, out, *args.overrides, "lag.sync_every=10",
                              "algo.logp_lag_source=recompute"),
         }
     for name, r in results.items():

@@ -1,0 +1,43 @@
+"""Check a run's data where `oapl train` starts, before any evaluation, rank or engine: a bad record then
+costs seconds and one `error:` line naming the file and line, not a crash deep inside a spawned rank
+(where the coordinator and the engines read the same data).
+
+    check_run_data(cfg)   # DataError / TokenizerError, or a one-line summary of what was read
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .prompts import DataError, load_prompts
+from .tokenizer import load_tokenizer, stop_token_ids
+
+__all__ = ["check_run_data"]
+
+
+def check_run_data(cfg: Any) -> str:
+    """Read, validate and tokenise both prompt splits (and the offline rollout dataset, if any) exactly as
+    the run will; the tokenizer is model.hf_path's, the one the engines use."""
+    tokenizer = load_tokenizer(cfg.model.hf_path)
+    try:
+        stop_token_ids(tokenizer)
+    except ValueError as err:
+        raise DataError(f"model.hf_path={cfg.model.hf_path!r}: {err}") from None
+    counts = {}
+    for split in ("train", "eval"):
+        prompts = load_prompts(cfg.data, split, tokenizer)
+        empty = next((p for p in prompts if not p.token_ids), None)
+        if empty is not None:
+            raise DataError(f"{split} prompt {empty.prompt_id!r} encodes to no tokens with the tokenizer of "
+                            f"model.hf_path={cfg.model.hf_path!r} (is it the model's tokenizer?)")
+        counts[split] = len(prompts)
+    summary = f"data: {counts['train']} train and {counts['eval']} eval prompts"
+    if cfg.lag.mode == "offline":
+        from megatron_oapl.rollout.dataset import read_groups
+
+        try:
+            groups = read_groups(cfg.lag.offline_dataset, cfg.fleet)
+        except (OSError, ValueError) as err:  # its errors name the file and line already
+            raise DataError(str(err)) from None
+        summary += f", {len(groups)} offline rollout groups"
+    return summary
