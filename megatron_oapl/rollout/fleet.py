@@ -90,6 +90,10 @@ class Fleet:
         port = self.rollouts.bind_to_random_port(f"tcp://{bind}")
         self.rollout_addr = f"tcp://{advertise}:{port}"
         self.control = self.zctx.socket(zmq.ROUTER)
+        # A restarted engine reconnects under its old identity, possibly before this socket has noticed the
+        # old connection close (a busy or frozen coordinator; a node gone without a FIN). Without handover
+        # the ROUTER refuses the newcomer and every message to that engine is silently dropped.
+        self.control.setsockopt(zmq.ROUTER_HANDOVER, 1)
         port = self.control.bind_to_random_port(f"tcp://{bind}")
         self.control_addr = f"tcp://{advertise}:{port}"
         self._mp = mp.get_context("spawn")
@@ -140,13 +144,17 @@ class Fleet:
                     handle.restarts += 1
                     self.restarts_total += 1
                     self._restarted_remotely.append(handle.engine_id)
+                    log.warning("engine %d is back (generation %d, restarted by its fleet node): re-syncing it",
+                                handle.engine_id, msg.generation)
                 handle.generation, handle.alive = msg.generation, True
                 handle.version, handle.weight_ranks = msg.version, msg.weight_ranks
             elif isinstance(msg, Hello) and msg.generation == handle.generation:
                 handle.version, handle.weight_ranks = msg.version, msg.weight_ranks
             elif isinstance(msg, Died) and msg.generation == handle.generation:
                 log.warning("engine %d died on its fleet node (exit code %s)", handle.engine_id, msg.exitcode)
-                handle.alive = False
+                # No version until its successor says hello: a dead engine is never "stale", so it is never
+                # sent a Sync that nobody receives.
+                handle.alive, handle.version = False, -1
             elif isinstance(msg, Synced):
                 self.pending_replies.append(msg)
             timeout_ms = 0
@@ -193,11 +201,13 @@ class Fleet:
         return sorted(i for i, h in self.engines.items() if h.is_alive() and h.version >= 0)
 
     def dead_among(self, engine_ids: list[int]) -> str | None:
-        """A message naming the engines of `engine_ids` whose process has died, or None (a weight push
-        polls this to abort instead of waiting for them)."""
+        """A message naming the engines of `engine_ids` that died since the last `request_sync`, or None
+        (a weight push polls this to abort instead of waiting for them). A successor started meanwhile
+        counts as dead: it was never asked to join."""
         if self.external:
-            self._read_control(0)  # deaths reported by fleet nodes
-        dead = [i for i in engine_ids if not self.engines[i].is_alive()]
+            self._read_control(0)  # deaths and restarts reported by fleet nodes
+        dead = [i for i in engine_ids
+                if not self.engines[i].is_alive() or self.engines[i].generation != self._asked.get(i)]
         return f"engine(s) {dead} died" if dead else None
 
     def send_orders(self, engine_id: int, orders: list[Order]) -> None:

@@ -173,18 +173,23 @@ def test_external_fleet_node_serves_the_run_and_restarts_its_engines(tiny_model,
     """`fleet.external=true`: the coordinator only publishes RUN_DIR/coordinator.json; a separate
     `python -m megatron_oapl.rollout.fleet_node` process (what the SLURM fleet step runs on each fleet node)
     starts the two engines, restarts one that is SIGKILLed (reporting its death to the coordinator), and exits
-    0 when the coordinator stops the engines at the end."""
+    0 when the coordinator stops the engines at the end. The learner ranks are frozen (SIGSTOP) from the kill
+    until the new engine has connected to the coordinator, so the run cannot end before it is back, however
+    fast the machine trains."""
+    import json
     import os
     import signal
     import time
+
+    import psutil
 
     run_dir = tmp_path / "run"
     args = ("optim.train_steps=24", "lag.sync_every=2", "fleet.num_engines=2", "fleet.external=true")
     proc = oapl_train(tiny_model, run_dir, *args)
     node = subprocess.Popen([sys.executable, "-m", "megatron_oapl.rollout.fleet_node", str(ROOT / "configs" / "tiny.yaml"),
-                             f"model.hf_path={tiny_model}", f"run_dir={run_dir}", "data.num_train_prompts=500",
-                             "fleet.prompts_per_step=4", *args, "--engines", "2"],
+                             f"model.hf_path={tiny_model}", f"run_dir={run_dir}", *COMMON, *args, "--engines", "2"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ranks: list[int] = []
     try:
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
@@ -192,15 +197,36 @@ def test_external_fleet_node_serves_the_run_and_restarts_its_engines(tiny_model,
                 break
             time.sleep(1)
         assert proc.poll() is None, "the run ended before the engine could be killed"
-        os.kill(int((run_dir / "engines" / "engine-0.pid").read_text()), signal.SIGKILL)
+        control_port = int(json.loads((run_dir / "coordinator.json").read_text())["control_addr"].rsplit(":", 1)[1])
+        ranks = [int(p.read_text()) for p in (run_dir / "ranks").glob("rank-*.pid")]
+        for pid in ranks:
+            os.kill(pid, signal.SIGSTOP)
+        pid_file = run_dir / "engines" / "engine-0.pid"
+        old = int(pid_file.read_text())
+        os.kill(old, signal.SIGKILL)
+
+        def successor_connected() -> bool:  # its control socket is up: its hello is on the way
+            pid = int(pid_file.read_text() or old)
+            return pid != old and any(c.raddr and c.raddr.port == control_port and c.status == "ESTABLISHED"
+                                      for c in psutil.Process(pid).net_connections())
+
+        while not successor_connected():
+            assert node.poll() is None and time.monotonic() < deadline, "the fleet node did not restart engine 0"
+            time.sleep(0.2)
+        for pid in ranks:
+            os.kill(pid, signal.SIGCONT)
         out = finish(proc, 600)
         node_out, _ = node.communicate(timeout=60)
     finally:
+        for pid in ranks:
+            if psutil.pid_exists(pid):
+                os.kill(pid, signal.SIGCONT)
         for p in (proc, node):
             if p.poll() is None:
                 p.kill()
     assert node.returncode == 0, node_out[-3000:]
     assert "engine 0 died" in node_out and "engine 0 generation 1 started" in node_out, node_out[-3000:]
+    assert "engine 0 is back" in out, out[-3000:]
     tb = scalars(run_dir)
     assert max(tb[M.ENGINE_RESTARTS].values()) == 1, out[-3000:]
     assert sorted(tb[M.LOSS]) == list(range(1, 25))
@@ -259,8 +285,10 @@ def test_stop_signal_while_the_fleet_is_unresponsive_saves_the_last_step_and_exi
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), (f"model.hf_path={tiny_model}", *COMMON))
     prompts = load_prompts(cfg.data, "train")
     sampler = PromptSampler(len(prompts), cfg.data.seed)
-    allowed = tmp_path / "steps-1-2.json"  # the prompts of work orders 0..7: steps 1 and 2
-    allowed.write_text(json.dumps([prompts[sampler.prompt_index(i)].prompt_id for i in range(8)]))
+    allowed = tmp_path / "steps-1-2.json"  # the prompts of work orders 0..7 (steps 1 and 2), and the held-out
+    # ones (the launcher's "before" evaluation scores them in-process)
+    allowed.write_text(json.dumps([prompts[sampler.prompt_index(i)].prompt_id for i in range(8)]
+                                  + [p.prompt_id for p in load_prompts(cfg.data, "eval")]))
     # No push in this run (L > steps): only the fleet's silence can block the learner.
     proc = oapl_train(tiny_model, run_dir, "optim.train_steps=200", "lag.sync_every=1000",
                       "rewards.name=tests.support.gated_rewards:prompt_gated_reasoning_gym", "rewards.timeout_s=3600",
