@@ -29,7 +29,9 @@ RECIPES = [c for c in CONFIGS if _gpu(c) and c.name != "base_gpu.yaml"]
 
 def _argv(path: Path, *extra: str) -> list[str]:
     nodes = GPU_NODES if _gpu(path) else ["--learner-nodes", "1"]
-    return [str(path), "run_dir=/shared/runs/recipe", *nodes, "--dry-run", "--no-cluster-check", *extra]
+    # --allow-local-paths: the repository (and so the recipes' relative data paths) may live under /tmp here
+    return [str(path), "run_dir=/shared/runs/recipe", *nodes, "--dry-run", "--no-cluster-check",
+            "--allow-local-paths", *extra]
 
 
 def test_configs_are_shipped():
