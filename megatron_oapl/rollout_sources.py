@@ -173,15 +173,13 @@ class FleetRollouts:
     def peer_check(self, engine_ids: list[int]):
         return lambda: self.fleet.dead_among(engine_ids)
 
-    def finish_sync(self, engine_ids: list[int], version: int) -> float:
-        """Wait for the engines' replies, then drop groups of older versions; returns the slowest engine's
-        sync seconds."""
+    def finish_sync(self, engine_ids: list[int], version: int) -> None:
+        """Wait for the engines' replies, then drop groups of older versions."""
         replies = self.fleet.wait_synced(engine_ids, version, self.cfg.fleet.weight_sync.timeout_s)
         refused = {i: r.error for i, r in replies.items() if r.error}
         if refused:
             log.error("engines refused version %d: %s", version, refused)
         self.buffer.advance(version)
-        return max((r.seconds for r in replies.values()), default=0.0)
 
     def counters(self) -> dict[str, float]:
         """Run totals for the step's metrics."""

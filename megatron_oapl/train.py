@@ -164,15 +164,24 @@ def receive_groups(coordinator, step: int | None, version: int, policy, ctx, cfg
             return None
         if "groups" in message:
             return message["groups"]
-        rdvs = state.rendezvous(message["receivers"], cfg)
-        if coordinator:
-            coordinator.source.request_sync(message["resync"], version, rdvs)
         # Re-syncs resend the last push (the learner has moved on since); before the first push of
         # this process (start, resume) the current weights are this version's.
-        push(policy, ctx, rdvs, version, state, fresh=not state.pushed,
-             check_peers=coordinator.source.peer_check(message["resync"]) if coordinator else None)
-        if coordinator:
-            coordinator.source.finish_sync(message["resync"], version)
+        sync_engines(coordinator, message["resync"], message["receivers"], version, policy, ctx, cfg, state,
+                     fresh=not state.pushed)
+
+
+def sync_engines(coordinator, engines: list[int], receivers: int, version: int, policy, ctx, cfg,
+                 state: SyncState, fresh: bool) -> None:
+    """Bring `engines` (holding `receivers` weight-group ranks) to `version`: the coordinator asks them to
+    join, every stage pushes, the coordinator collects their replies and drops older groups. Every rank
+    calls it (the pushes are collectives over each stage's TP group)."""
+    rdvs = state.rendezvous(receivers, cfg)
+    if coordinator:
+        coordinator.source.request_sync(engines, version, rdvs)
+    push(policy, ctx, rdvs, version, state, fresh,
+         check_peers=coordinator.source.peer_check(engines) if coordinator else None)
+    if coordinator:
+        coordinator.source.finish_sync(engines, version)
 
 
 def copy_weights(src_chunks, dst_chunks) -> None:
@@ -280,15 +289,10 @@ def train(cfg_dict: dict) -> None:
                 sync_start = time.perf_counter()
                 engines, receivers = broadcast_from_coordinator(
                     coordinator.source.sync_targets() if coordinator else None)
-                rdvs = state.rendezvous(receivers, cfg)
-                if coordinator:
-                    coordinator.source.request_sync(engines, version, rdvs)
-                push(policy, ctx, rdvs, version, state, fresh=True,
-                     check_peers=coordinator.source.peer_check(engines) if coordinator else None)
+                sync_engines(coordinator, engines, receivers, version, policy, ctx, cfg, state, fresh=True)
                 if frozen is not None:
                     copy_weights(policy.model, frozen)
                 if coordinator:
-                    coordinator.source.finish_sync(engines, version)
                     extra[M.SYNC_SECONDS] = time.perf_counter() - sync_start
                     extra[M.SYNC_BYTES] = state.pusher.last_bytes
                     if cfg.eval.every and step // cfg.eval.every > (step - schedule.sync_every) // cfg.eval.every:

@@ -205,16 +205,14 @@ class EngineWorker:
         for k in old:
             del self.groups[k]
         self.pending = [o for o in self.pending if o.version >= msg.version]
-        reply = Synced(self.engine_id, msg.version)
-        start = time.perf_counter()
         # A refused push leaves the weights and version as they were: say so and carry on. Any other error
         # (a failed load) may have left the model half-written: it ends this process, which is restarted.
+        error = None
         try:
             self.engine.sync_from(msg.rendezvous, msg.first_rank, msg.version)
-            reply = replace(reply, seconds=time.perf_counter() - start)
         except WeightSyncError as err:
-            reply = replace(reply, error=f"{type(err).__name__}: {err}")
-        self.control.send_pyobj(reply)
+            error = f"{type(err).__name__}: {err}"
+        self.control.send_pyobj(Synced(self.engine_id, msg.version, error))
 
     def close(self) -> None:
         self.rewards.close()

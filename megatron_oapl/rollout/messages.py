@@ -45,7 +45,6 @@ class Synced:
     engine: int
     version: int
     error: str | None = None  # why the push was refused (the engine kept its weights and version)
-    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
