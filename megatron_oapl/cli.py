@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint), N at a time on this machine, then writes report.md and PNG plots in the study's "
         "out directory. The file format is in megatron_oapl/study.py; examples in configs/studies/.",
     )
-    study.add_argument("study", help="study YAML, e.g. configs/studies/lag.yaml")
+    study.add_argument("study", help="study YAML, e.g. configs/studies/evidence.yaml")
     study.add_argument("--parallel", type=int, default=1, help="cells run at once (default 1)")
     study.add_argument("--report-only", action="store_true", help="only rebuild the report from finished cells")
     study.add_argument("--dry-run", action="store_true", help="list the cells and their state; run nothing")

@@ -1,14 +1,14 @@
 """`oapl study STUDY.yaml`: a grid of `oapl train` runs from one YAML, run N at a time, resumable, then a
 report (megatron_oapl/study_report.py).
 
-    oapl study configs/studies/lag.yaml --parallel 2     # run every cell not finished yet, then the report
-    oapl study configs/studies/lag.yaml --dry-run        # list the cells and their state, run nothing
-    oapl study configs/studies/lag.yaml --report-only    # rebuild report.md and the plots
+    oapl study configs/studies/evidence.yaml --parallel 2     # run every cell not finished yet, then the report
+    oapl study configs/studies/evidence.yaml --dry-run        # list the cells and their state, run nothing
+    oapl study configs/studies/evidence.yaml --report-only    # rebuild report.md and the plots
 
 A study file:
 
     base: ../tiny_scratchpad.yaml        # the run config every cell starts from (relative to this file)
-    out: runs/studies/lag                # the study's directory (relative to the current directory)
+    out: runs/studies/evidence           # the study's directory (relative to the current directory)
     overrides: {optim.train_steps: 300}  # dotted overrides for every cell (a mapping, or a list of k=v)
     axes:                                # the grid is the product of the axes, in this order
       algo:                              # a named axis: label -> the overrides that label stands for
@@ -35,6 +35,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -219,6 +220,10 @@ class Runner:
         self.procs: set[subprocess.Popen] = set()
         self.lock = threading.Lock()
         self.stopping = False
+        # Cells running side by side split the cores: OpenMP threads that outnumber them spin against each
+        # other (two cells' evaluations at 2 threads each on 2 cores ran ~4x slower than one at a time).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // parallel))} if parallel > 1 else None
 
     def _say(self, text: str) -> None:
         with self.lock:
@@ -228,7 +233,7 @@ class Runner:
         with self.lock:
             if self.stopping:
                 return -signal.SIGTERM
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
             self.procs.add(proc)
         try:
             return proc.wait()

@@ -50,7 +50,9 @@ class CellResult:
         from megatron_oapl.study import ROLLOUTS, _run_overrides
 
         self.cell = cell
-        cfg = load_config(base, _run_overrides(cell), check_hardware=False)
+        saved = cell.run_dir / "config.yaml"  # what the run actually ran with, even if the base file changed since
+        cfg = load_config(saved, check_hardware=False) if saved.is_file() else load_config(
+            base, _run_overrides(cell), check_hardware=False)
         self.steps, self.prompts, self.group = cfg.optim.train_steps, cfg.fleet.prompts_per_step, cfg.fleet.group_size
         self.tb = read_scalars(cell.run_dir / "tensorboard")
         path = cell.run_dir / "eval" / "eval.json"
@@ -185,6 +187,8 @@ def write_plots(out: Path, lines: dict[str, list[CellResult]]) -> list[str]:
          "mean |log pi_theta - log pi_lag| (nats/seq)", None, smooth),
         ("clip_fraction_vs_step.png", lambda r: r.tb.get(CLIP_FRACTION, {}), "optimizer step",
          "GRPO clipped-token fraction", None, smooth),
+        ("grad_norm_vs_step.png", lambda r: r.tb.get(M.GRAD_NORM, {}), "optimizer step", "gradient norm", None,
+         smooth),
     ]
     written = []
     for name, curve, xlabel, ylabel, x_of, window in plots:
@@ -198,19 +202,43 @@ def write_plots(out: Path, lines: dict[str, list[CellResult]]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
+def _window_mean(series: dict[int, float], first: float, last: float) -> float:
+    """Mean of the logged values in the fraction [first, last) of the run's logged steps, at least one value
+    (nan: nothing logged)."""
+    if not series:
+        return math.nan
+    values = [series[s] for s in sorted(series)]
+    lo = min(int(first * len(values)), len(values) - 1)
+    return float(np.mean(values[lo : max(lo + 1, round(last * len(values)))]))
+
+
 def _table(lines: dict[str, list[CellResult]]) -> list[str]:
+    """Per line: final pass@k, generations, and the drift signals of the run's first and last tenth (entropy)
+    or last quarter (|log-ratio| to the sampling policy, GRPO's clipped-token fraction, the gradient norm)."""
     ks = sorted({k for cells in lines.values() for r in cells for k in r.after})
     k_top = ks[-1] if ks else 1
-    rows = [f"| run | seeds | pass@1 before | pass@1 final | pass@{k_top} final | generations sampled | "
-            "generations consumed |", "|---|---|---|---|---|---|---|"]
+    k_mid = max((k for k in ks if k < k_top and k & (k - 1) == 0), default=None)  # a power of two below
+    final_ks = [1, *([k_mid] if k_mid else []), *([k_top] if k_top != 1 else [])]
+    rows = ["| run | seeds | pass@1 before | " + " | ".join(f"pass@{k} final" for k in final_ks) + " | generations "
+            "sampled | generations consumed | seq. entropy first 10% -> last 10% | abs log-ratio last 25% | "
+            "clip fraction last 25% | grad norm last 25% |", "|---|---|---|" + "---|" * len(final_ks) + "---|" * 6]
+
+    def over_seeds(cells, value) -> tuple[float, float]:
+        return mean_se([v for v in (value(r) for r in cells) if not math.isnan(v)])
+
     for name, cells in lines.items():
         before = mean_se([r.before[1] for r in cells if 1 in r.before])
-        final1 = mean_se([r.after[1] for r in cells if 1 in r.after])
-        finalk = mean_se([r.after[k_top] for r in cells if k_top in r.after])
+        finals = [_fmt(*mean_se([r.after[k] for r in cells if k in r.after])) for k in final_ks]
         sampled = mean_se([r.generations(r.steps) for r in cells])
         consumed = mean_se([r.consumed for r in cells])
-        rows.append(f"| {name} | {len(cells)} | {_fmt(*before)} | {_fmt(*final1)} | {_fmt(*finalk)} | "
-                    f"{_count(*sampled)} | {_count(*consumed)} |")
+        entropy = [over_seeds(cells, lambda r, a=a, b=b: _window_mean(r.tb.get(M.SEQUENCE_ENTROPY, {}), a, b))
+                   for a, b in ((0.0, 0.1), (0.9, 1.0))]
+        log_ratio = over_seeds(cells, lambda r: _window_mean(r.tb.get(ABS_LOG_RATIO, {}), 0.75, 1.0))
+        clipped = over_seeds(cells, lambda r: _window_mean(r.tb.get(CLIP_FRACTION, {}), 0.75, 1.0))
+        grad = over_seeds(cells, lambda r: _window_mean(r.tb.get(M.GRAD_NORM, {}), 0.75, 1.0))
+        rows.append(f"| {name} | {len(cells)} | {_fmt(*before)} | {' | '.join(finals)} | {_count(*sampled)} | "
+                    f"{_count(*consumed)} | {_fmt(*entropy[0], 2)} -> {_fmt(*entropy[1], 2)} | "
+                    f"{_fmt(*log_ratio, 2)} | {_fmt(*clipped, 4)} | {_fmt(*grad, 3)} |")
     return rows
 
 

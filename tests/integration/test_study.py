@@ -91,20 +91,37 @@ def test_killed_cell_resumes_from_its_checkpoint(study):
     assert all((out / c / "done.json").is_file() for c in CELLS)
 
 
+def table_rows(report: str) -> dict[str, dict[str, str]]:
+    """The report's first table: run -> {column header: cell}."""
+    lines = [line for line in report.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].split("|")[1:-1]]
+    rows = ([c.strip() for c in line.split("|")[1:-1]] for line in lines[2:])
+    return {row[0]: dict(zip(header, row)) for row in rows if len(row) == len(header)}
+
+
 def test_report_table_and_plots(study):
     out, *_ = study
     report = (out / "report.md").read_text()
-    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| algo-")}
-    assert set(rows) == {"algo-oapl", "algo-grpo", *CELLS}
-    # The table's final pass@1 is the mean over the two seeds of each run's closing evaluation.
+    rows = table_rows(report)
+    assert set(rows) == {"algo-oapl", "algo-grpo"}
     for algo in ("oapl", "grpo"):
-        values = [json.loads((out / f"algo-{algo}__seed-{s}" / "eval" / "eval.json").read_text())["after"]
-                  ["pass_at_k"]["1"] for s in (0, 1)]
-        cols = [c.strip() for c in rows[f"algo-{algo}"].split("|")]
-        assert cols[2] == "2" and cols[4].startswith(f"{sum(values) / 2:.3f} ± ")
-        assert cols[7] == "48"  # 3 steps x 2 prompts x 8 samples consumed
+        cells = [out / f"algo-{algo}__seed-{s}" for s in (0, 1)]
+        row = rows[f"algo-{algo}"]
+        # Final pass@k: the mean over the two seeds of each run's closing evaluation (k = 1, 2 and 4 of 4).
+        for k in (1, 2, 4):
+            values = [json.loads((c / "eval" / "eval.json").read_text())["after"]["pass_at_k"][str(k)] for c in cells]
+            assert row[f"pass@{k} final"].startswith(f"{sum(values) / 2:.3f} ± ")
+        assert row["seeds"] == "2" and row["generations consumed"] == "48"  # 3 steps x 2 prompts x 8 samples
+        # Drift signals: the sequence entropy of the first and last tenth of the steps (here step 1 and 3).
+        entropy = [read_scalars(c / "tensorboard")[M.SEQUENCE_ENTROPY] for c in cells]
+        first, last = (sum(e[s] for e in entropy) / 2 for s in (1, 3))
+        assert row["seq. entropy first 10% -> last 10%"].startswith(f"{first:.2f} ± ") and f"-> {last:.2f} ± " in row[
+            "seq. entropy first 10% -> last 10%"]
+        # GRPO alone clips; OAPL's sequence log-ratio is logged, GRPO's too.
+        assert (row["clip fraction last 25%"] == "—") == (algo == "oapl")
+        assert row["abs log-ratio last 25%"] != "—"
     for name in ("pass1_vs_step", "pass1_vs_generations", "pass_at_k_final", "sequence_entropy_vs_step",
-                 "abs_log_ratio_vs_step", "clip_fraction_vs_step"):
+                 "abs_log_ratio_vs_step", "clip_fraction_vs_step", "grad_norm_vs_step"):
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"({name}.png)" in report
@@ -145,5 +162,5 @@ def test_reuse_cell_samples_once_and_trains_offline(tiny_model, tmp_path):  # no
     assert len((cell / "rollouts.jsonl").read_text().splitlines()) == 4  # 2 steps x 2 prompts
     tb = read_scalars(cell / "tensorboard")
     assert sorted(tb[M.LOSS]) == [1, 2, 3, 4] and M.SYNC_SECONDS not in tb
-    row = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith("| data-reuse2 |"))
-    assert [c.strip() for c in row.split("|")][6:8] == ["32", "64"]
+    row = table_rows((out / "report.md").read_text())["data-reuse2"]
+    assert (row["generations sampled"], row["generations consumed"]) == ("32", "64")
