@@ -334,13 +334,14 @@ def main(study_file: str, parallel: int = 1, report_only: bool = False, dry_run:
             offline = f"  [offline round, each group used {cell.reuse}x]" if cell.reuse is not None else ""
             print(f"{i}/{len(study.cells)} {cell.run_dir}: {cell.state()}  {' '.join(cell.overrides)}{offline}")
         return 0
+    start = time.monotonic()
     try:
         failed = [] if report_only else Runner(study, parallel).run()
     except KeyboardInterrupt:
         print("[study] interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     report = write_report(study)
-    print(f"[study] report: {report}")
+    print(f"[study] report: {report} ({(time.monotonic() - start) / 60:.1f} min in all)")
     if failed:
         print(f"[study] {len(failed)} of {len(study.cells)} cells failed ({', '.join(c.name for c in failed)}); "
               "run the same command again to resume them", file=sys.stderr)

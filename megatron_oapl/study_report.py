@@ -151,6 +151,7 @@ def _plot(path: Path, lines: dict[str, list[CellResult]], curve, xlabel: str, yl
 
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = False
+    styles = _line_styles(list(lines))
     for name, cells in lines.items():
         curves = [c for c in (curve(r) for r in cells) if c]
         steps, mean, se = _band(curves, smooth)
@@ -158,7 +159,7 @@ def _plot(path: Path, lines: dict[str, list[CellResult]], curve, xlabel: str, yl
             continue
         xs = np.asarray([np.mean([x_of(r, s) for r in cells]) for s in steps]) if x_of else np.asarray(steps)
         (line,) = ax.plot(xs, mean, label=f"{name} (n={len(curves)})", marker="o" if len(steps) < 12 else None,
-                          markersize=3)
+                          markersize=3, **styles[name])
         ax.fill_between(xs, mean - se, mean + se, color=line.get_color(), alpha=0.2)
         drawn = True
     if drawn:
@@ -167,15 +168,42 @@ def _plot(path: Path, lines: dict[str, list[CellResult]], curve, xlabel: str, yl
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        _save_compact(fig, path)
     plt.close(fig)
     return drawn
+
+
+def _line_styles(names: list[str]) -> dict[str, dict]:
+    """Line name -> matplotlib style: with two or more axes, the first axis's label sets the dash pattern and
+    the rest the colour, so a 2 x 6 grid reads as six colours, solid and dashed (not 12 cycled colours)."""
+    import matplotlib
+
+    parts = [name.split(" ") for name in names]
+    if len(names) < 2 or any(len(p) < 2 for p in parts):
+        return {name: {} for name in names}
+    firsts = list(dict.fromkeys(p[0] for p in parts))
+    rests = list(dict.fromkeys(" ".join(p[1:]) for p in parts))
+    colours = matplotlib.colormaps["tab10" if len(rests) <= 10 else "tab20"]
+    dashes = ["-", "--", ":", "-."]
+    return {name: {"color": colours(rests.index(" ".join(p[1:])) % colours.N),
+                   "linestyle": dashes[firsts.index(p[0]) % len(dashes)]} for name, p in zip(names, parts)}
+
+
+def _save_compact(fig, path: Path) -> None:
+    """A 64-colour palette PNG (~1/3 the bytes of matplotlib's RGBA, so plots can live in docs/)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=100)
+    Image.open(buf).convert("RGB").quantize(colors=64).save(path, optimize=True)
 
 
 def write_plots(out: Path, lines: dict[str, list[CellResult]]) -> list[str]:
     """The study's PNGs in `out`; returns the file names written."""
     steps = max((r.steps for cells in lines.values() for r in cells), default=1)
-    smooth = max(1, steps // 25)
+    smooth = max(1, steps // 10)
     plots = [
         ("pass1_vs_step.png", lambda r: r.pass1_curve, "optimizer step", "held-out pass@1", None, 1),
         ("pass1_vs_generations.png", lambda r: r.pass1_curve, "generations sampled", "held-out pass@1",
@@ -254,7 +282,9 @@ def write_report(study) -> Path:
             f"Base config `{study.base}`; {len(finished)} of {len(study.cells)} cells finished; mean ± standard "
             f"error over the `{study.seed_axis}` axis. Rebuild with `oapl study {study.path} --report-only`.", "",
             "Final pass@k: each run's closing evaluation (`eval/eval.json`, after); generations sampled include "
-            "groups dropped as stale (online) or the whole offline dataset.", ""]
+            "groups dropped as stale (online) or the whole offline dataset. Sequence entropy is the sampling "
+            "policy's (the fleet's log-probs): in an offline round, or with L >= the run's steps, that stays the "
+            "starting model throughout.", ""]
     text += _table(lines) if results else ["No cell has finished yet."]
     missing = [c.name for c in study.cells if not c.done]
     if missing:
