@@ -222,7 +222,7 @@ class Runner:
         self.stopping = False
         # Cells running side by side split the cores: OpenMP threads that outnumber them spin against each
         # other (two cells' evaluations at 2 threads each on 2 cores ran ~4x slower than one at a time).
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = len(os.sched_getaffinity(0))
         self.env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // parallel))} if parallel > 1 else None
 
     def _say(self, text: str) -> None:

@@ -45,14 +45,14 @@ def read_scalars(tensorboard_dir: Path) -> dict[str, dict[int, float]]:
 class CellResult:
     """What the report needs of one finished cell."""
 
-    def __init__(self, cell, base: Path):
+    def __init__(self, cell):
         from megatron_oapl.config import load_config
-        from megatron_oapl.study import ROLLOUTS, _run_overrides
+        from megatron_oapl.study import ROLLOUTS
 
         self.cell = cell
-        saved = cell.run_dir / "config.yaml"  # what the run actually ran with, even if the base file changed since
-        cfg = load_config(saved, check_hardware=False) if saved.is_file() else load_config(
-            base, _run_overrides(cell), check_hardware=False)
+        # What the run actually ran with (`oapl train` writes it before training, so every finished cell has
+        # it), even if the study's base file changed since.
+        cfg = load_config(cell.run_dir / "config.yaml", check_hardware=False)
         self.steps, self.prompts, self.group = cfg.optim.train_steps, cfg.fleet.prompts_per_step, cfg.fleet.group_size
         self.tb = read_scalars(cell.run_dir / "tensorboard")
         path = cell.run_dir / "eval" / "eval.json"
@@ -275,7 +275,7 @@ def write_report(study) -> Path:
     out = study.out
     out.mkdir(parents=True, exist_ok=True)
     finished = [c for c in study.cells if c.done]
-    results = [CellResult(c, study.base) for c in finished]
+    results = [CellResult(c) for c in finished]
     lines = group_lines(study, results)
     plots = write_plots(out, lines) if results else []
     text = [f"# Study {study.path.name}", "",
