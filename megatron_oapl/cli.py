@@ -3,6 +3,7 @@
     oapl config show configs/tiny.yaml [key=value ...]   print the resolved config with field docs
     oapl train configs/tiny.yaml [key=value ...]         the main job (learners + fleet on this machine)
     oapl eval configs/tiny.yaml --model DIR              pass@k of an HF model directory
+    oapl plan CONFIG [key=value ...] --gpu-memory-gb 80  per-GPU memory of learners and engines
     oapl convert megatron-to-hf | hf-to-megatron ...     checkpoint conversion (see its --help)
     oapl launch slurm CONFIG [options]                   heterogeneous SLURM job (see docs/cluster.md)
     oapl study STUDY.yaml [--parallel N] [--report-only] a grid of runs + report (configs/studies/)
@@ -46,6 +47,52 @@ def _load(args, hf_path: str | None = None):
     return resolve_model(cfg)
 
 
+def _plan(args) -> int:
+    """`oapl plan`: the memory table; exit 1 with one line naming the field to change when it does not fit."""
+    from megatron_oapl.config import load_config
+    from megatron_oapl.plan import data_parallel_size, format_plan, make_memory_plan, model_source
+
+    cfg, source = model_source(load_config(args.config, tuple(args.overrides), check_hardware=False))
+    gpu_gb = args.gpu_memory_gb or _device_memory_gb() or 80.0
+    plan = make_memory_plan(cfg, gpu_gb, data_parallel_size(cfg, args.learner_gpus))
+    print(format_plan(cfg, plan, source))
+    for note in plan.notes(cfg):
+        print(f"note: {note}")
+    problem = plan.problem(cfg)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _device_memory_gb() -> float | None:
+    """This machine's GPU memory in GB (1e9 bytes), or None without a CUDA GPU."""
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / 1e9 if torch.cuda.is_available() else None
+
+
+def _check_memory_before_start(cfg, args) -> None:
+    """`oapl train` on a GPU (or with --gpu-memory-gb): refuse a run the memory plan says does not fit
+    (ConfigError: one line, exit 2) unless --force; CPU runs without --gpu-memory-gb are not checked."""
+    import os
+
+    from megatron_oapl.config import ConfigError
+    from megatron_oapl.launcher import world_size_of
+    from megatron_oapl.plan import PlanError, check_memory, data_parallel_size
+
+    gpu_gb = args.gpu_memory_gb or _device_memory_gb()
+    if gpu_gb is None:
+        return
+    world = int(os.environ.get("WORLD_SIZE") or world_size_of(cfg))
+    try:
+        check_memory(cfg, gpu_gb, data_parallel_size(cfg, world))
+    except PlanError as err:
+        if not args.force:
+            raise ConfigError(f"{err} (`oapl plan` shows the table; --force starts anyway)") from None
+        print(f"[oapl] warning: {err} (starting anyway: --force)", file=sys.stderr, flush=True)
+
+
 def _summary_line(before, after) -> str:
     """The run's last line: pass@1 before -> after (each ± its standard error over prompts), then the gain
     with its paired standard error (same prompts, so prompt difficulty cancels) and their ratio."""
@@ -86,6 +133,7 @@ def _train(args) -> int:
     from megatron_oapl.run_lock import RunLock
 
     cfg = _load(args)
+    _check_memory_before_start(cfg, args)
     run_dir = Path(cfg.run_dir)
     if "RANK" in os.environ:  # under torchrun / srun: this process is one learner rank
         from megatron_oapl.train import train
@@ -179,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.train_steps=50")
+    from megatron_oapl.plan import add_memory_check_arguments
+
+    add_memory_check_arguments(train)
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="pass@k (k = 1..n) of an HF model directory on the held-out prompts")
@@ -198,6 +249,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="JSONL file to write")
     gen.add_argument("--steps", type=int, help="optimizer steps to cover (default: optim.train_steps)")
     gen.set_defaults(func=_generate)
+
+    plan = sub.add_parser(
+        "plan", help="per-GPU memory of the learners and engines; exit 1 naming the field to change if it does "
+        "not fit",
+        description="Weights, fp32 gradients, Adam state (sharded over DP with the distributed optimizer), "
+        "activations per micro-batch with and without recompute, the log-prob path, and the vLLM engine's "
+        "weights, KV cache and push headroom, from the config alone (formulas: megatron_oapl/plan.py). Model "
+        "sizes come from model.hf_path's config.json when it is here, else from the config's model fields.",
+    )
+    plan.add_argument("config", help="YAML run config, e.g. configs/qwen3_4b_math.yaml")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.micro_batch_tokens=16384")
+    plan.add_argument("--gpu-memory-gb", type=float, default=None,
+                      help="memory of one GPU in GB (1e9 bytes; default: this machine's GPU, else 80)")
+    plan.add_argument("--learner-gpus", type=int, default=None,
+                      help="learner GPUs in all, for DP (default: TP x PP x parallel.data_parallel_size, "
+                           "DP=1 when that is null: the optimizer unsharded)")
+    plan.set_defaults(func=_plan)
 
     study = sub.add_parser(
         "study", help="run a grid of training runs from one study YAML (resumable) and write a report",

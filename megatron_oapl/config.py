@@ -146,7 +146,26 @@ class ParallelConfig:
     """Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
     micro_batch_groups: int | None = None
     """Prompt groups (each with its G completions) per micro-batch; null = the whole per-DP-rank batch
-    in one micro-batch. Must divide the groups each DP rank receives per step."""
+    in one micro-batch. Must divide the groups each DP rank receives per step. Ignored when
+    micro_batch_tokens > 0."""
+    micro_batch_tokens: int = 0
+    """Token budget of a micro-batch (0 = off: whole groups, micro_batch_groups). V* is computed per group
+    first, then whole sequences are dealt into micro-batches of at most this many tokens (padding
+    included); a longer sequence forms its own. Must be >= the longest prompt + 1."""
+    pack_sequences: bool = False
+    """Pack several sequences into one row (attention confined to each, positions restarting per
+    sequence) instead of one padded row per sequence; needs micro_batch_tokens > 0."""
+    recompute: str = "none"
+    """Activation recompute: none | full (every layer's input kept, the layer recomputed in backward;
+    Megatron's recompute_granularity=full, recompute_method=uniform) | selective (core attention only)."""
+    recompute_num_layers: int = 1
+    """With recompute=full: layers per recomputed chunk (Megatron's recompute_num_layers)."""
+    logprob_chunk_tokens: int = 4096
+    """Tokens per chunk of the log-prob computation: no fp32 copy of more than this many tokens' logits
+    exists at once (0 = the whole micro-batch at once)."""
+    collective_timeout_s: float = 1800.0
+    """Timeout of the learners' real collectives (NCCL/gloo), in seconds. Waits on the fleet never run on
+    a collective: the coordinator hands data to the other ranks through a store they poll."""
     backend: str = "auto"
     """torch.distributed backend of the learner: auto (nccl with a GPU, gloo without) | gloo | nccl."""
 
@@ -295,6 +314,14 @@ class FleetConfig:
     """Fraction of GPU memory vLLM may take (0 < x <= 1)."""
     max_restarts: int = 3
     """Restarts of a crashed engine before the run fails."""
+    max_refused_syncs: int = 3
+    """An engine that refuses this many weight pushes in a row is treated as dead (restarted within
+    max_restarts, then a clear error)."""
+    start_timeout_s: float = 1800.0
+    """How long to wait for engines to start (hello), fleet nodes to appear and restarted engines, in
+    seconds: a cold vLLM start with compilation takes minutes per engine."""
+    compile_cache_dir: str | None = None
+    """vLLM's compile/CUDA-graph cache (VLLM_CACHE_ROOT) shared by every engine; null = RUN_DIR/vllm_cache."""
     external: bool = False
     """Engines run under `python -m megatron_oapl.rollout.fleet_node` on other nodes (or jobs), which find the
     coordinator through RUN_DIR/coordinator.json and restart their own engines; the coordinator then binds its
@@ -405,6 +432,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.preset": ("llama", "qwen2", "qwen3"),
     "model.rope_scaling.type": ("none", "linear", "llama3"),
     "parallel.backend": ("auto", "gloo", "nccl"),
+    "parallel.recompute": ("none", "full", "selective"),
     "precision.params_dtype": ("fp32", "bf16", "fp16"),
     "precision.fp8.format": ("e4m3", "hybrid"),
     "precision.fp8.recipe": ("delayed", "tensorwise", "blockwise", "mxfp8"),
@@ -691,6 +719,8 @@ _BOUNDS: list[tuple[str, str]] = [
     ("model.rope_scaling.original_max_position_embeddings", _ONE),
     ("parallel.tensor_model_parallel_size", _ONE), ("parallel.pipeline_model_parallel_size", _ONE),
     ("parallel.data_parallel_size", _ONE), ("parallel.micro_batch_groups", _ONE),
+    ("parallel.micro_batch_tokens", _NONNEG), ("parallel.recompute_num_layers", _ONE),
+    ("parallel.logprob_chunk_tokens", _NONNEG), ("parallel.collective_timeout_s", _POS),
     ("precision.fp8.margin", _NONNEG), ("precision.fp8.amax_history_len", _ONE),
     ("optim.lr", _POS), ("optim.min_lr", _NONNEG), ("optim.weight_decay", _NONNEG),
     ("optim.adam_beta1", "in [0, 1)"), ("optim.adam_beta2", "in [0, 1)"), ("optim.adam_eps", _POS),
@@ -704,7 +734,7 @@ _BOUNDS: list[tuple[str, str]] = [
     ("fleet.max_new_tokens", _ONE), ("fleet.weight_sync.bucket_mb", _POS),
     ("fleet.weight_sync.master_port", "in [0, 65535]"), ("fleet.weight_sync.timeout_s", _POS),
     ("fleet.vllm_gpu_memory_utilization", "in (0, 1]"), ("fleet.max_restarts", _NONNEG),
-    ("fleet.max_in_flight", _ONE),
+    ("fleet.max_in_flight", _ONE), ("fleet.max_refused_syncs", _ONE), ("fleet.start_timeout_s", _POS),
     ("data.num_train_prompts", _ONE), ("data.num_eval_prompts", _NONNEG),
     ("rewards.timeout_s", _POS), ("rewards.num_workers", _ONE),
     ("checkpoint.save_every", _NONNEG), ("checkpoint.keep_last", _ONE),
@@ -782,6 +812,12 @@ def validate(cfg: RunConfig, check_hardware: bool = True) -> None:
     if p.sequence_parallel and tp == 1:
         errors.append("parallel.sequence_parallel=true requires parallel.tensor_model_parallel_size > 1 "
                       "(allowed: false with TP=1)")
+    if p.recompute == "full" and not m.num_layers % pp and p.recompute_num_layers > m.num_layers // pp:
+        errors.append(f"parallel.recompute_num_layers={p.recompute_num_layers} must be <= the layers per "
+                      f"pipeline stage, {m.num_layers // pp} (model.num_layers / pipeline_model_parallel_size)")
+    if p.pack_sequences and p.micro_batch_tokens == 0:
+        errors.append("parallel.pack_sequences=true needs a token budget: parallel.micro_batch_tokens=0 "
+                      "(allowed: micro_batch_tokens > 0, or pack_sequences=false)")
     if p.data_parallel_size is not None:
         errors += _batch_split_errors(cfg, p.data_parallel_size)
     elif p.micro_batch_groups is not None and p.micro_batch_groups > cfg.fleet.prompts_per_step:
@@ -803,6 +839,9 @@ def validate(cfg: RunConfig, check_hardware: bool = True) -> None:
     if cfg.fleet.max_new_tokens >= m.max_seq_length:
         errors.append(f"fleet.max_new_tokens={cfg.fleet.max_new_tokens} must be < model.max_seq_length="
                       f"{m.max_seq_length} (the prompt needs at least one token)")
+    if cfg.fleet.top_p < 1 and cfg.algo.logp_lag_source == "engine":  # review W1: a length-dependent bias
+        errors.append(f"fleet.top_p={cfg.fleet.top_p} needs algo.logp_lag_source='recompute' (or fleet.top_p=1): "
+                      "the engine's log-probs are top-p-renormalised, the learner's temperature-only")
     if cfg.lag.mode == "offline" and not cfg.lag.offline_dataset:
         errors.append("lag.offline_dataset=null must be set when lag.mode='offline' "
                       "(allowed: a JSONL rollout dataset written by `oapl generate`)")
@@ -828,7 +867,7 @@ def validate(cfg: RunConfig, check_hardware: bool = True) -> None:
 
 def check_hardware(cfg: RunConfig) -> None:
     """Checks that depend on this machine: FP8 needs a CUDA GPU and transformer-engine, NCCL a GPU, the
-    `code` reward a sandbox that runs here."""
+    `code` reward a sandbox that runs here, and an installed transformer-engine must import."""
     import torch  # here, not at the top: parsing a config should not pay for importing torch
 
     has_gpu = torch.cuda.is_available()
@@ -839,11 +878,14 @@ def check_hardware(cfg: RunConfig) -> None:
             missing = " and ".join(x for x, ok in (("no GPU", has_gpu), ("no transformer-engine", has_te))
                                    if not ok)
             errors.append("precision.fp8.enabled=true needs a CUDA GPU and transformer-engine "
-                          f"(pip install 'megatron_oapl[gpu]'); this machine has {missing} "
+                          "(the learner image: NGC PyTorch, or pip install 'megatron_oapl[learner-gpu]'); "
+                          f"this machine has {missing} "
                           "(allowed here: precision.fp8.enabled=false)")
-    if cfg.parallel.sequence_parallel and not has_gpu:
-        errors.append("parallel.sequence_parallel=true needs Transformer Engine layers on a GPU (Megatron's "
-                      "local CPU layers do not support it) (allowed here: false)")
+    from megatron_oapl.platform import transformer_engine_problem
+
+    te_problem = transformer_engine_problem()  # a broken TE breaks `import megatron.core` itself
+    if te_problem:
+        errors.append(te_problem)
     for name in ("parallel.backend", "fleet.weight_sync.backend"):
         if _get(cfg, name) == "nccl" and not has_gpu:
             errors.append(f"{name}='nccl' needs a CUDA GPU; this machine has no GPU (allowed here: auto, gloo)")

@@ -44,6 +44,8 @@ STEP_SECONDS = "time/step_seconds"
 GROUP_LATENCY_SECONDS = "time/group_latency_seconds"  # mean over the step's groups: order taken -> last sample scored
 WAIT_SECONDS = "time/wait_for_rollouts_seconds"  # this step's learner idle time, waiting on the fleet
 TOKENS_PER_SECOND = "perf/tokens_per_second"
+MICRO_BATCHES = "perf/micro_batches_per_step"  # per data-parallel rank (all ranks run the same number)
+PADDING_FRACTION = "perf/padding_frac"  # of the tokens the learner step computed, the share that is padding
 IDLE_FRACTION = "perf/learner_idle_frac"  # run so far: time waiting on the fleet / time in steps
 
 # Evaluation.

@@ -34,7 +34,7 @@ import torch
 
 Normalizer = Union[int, float, torch.Tensor]
 
-__all__ = ["group_normalized_advantages", "grpo_loss"]
+__all__ = ["group_normalized_advantages", "grpo_loss", "clipped_surrogate"]
 
 
 def group_normalized_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -57,6 +57,19 @@ def group_normalized_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> tor
     mean = r.mean(dim=-1, keepdim=True)
     std = r.std(dim=-1, unbiased=False, keepdim=True)
     return (r - mean) / (std + eps)
+
+
+def clipped_surrogate(
+    log_ratio: torch.Tensor, advantage: torch.Tensor, eps_low: float, eps_high: float
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token (any shape; ``advantage`` broadcast to it): ``(-min(ratio*A, clip(ratio)*A), ratio,
+    clipped)`` with ``clipped`` where the clipped branch is active (zero gradient)."""
+    ratio = torch.exp(log_ratio)
+    bounded = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    per_token = -torch.minimum(ratio * advantage, bounded * advantage)
+    with torch.no_grad():
+        clipped = ((advantage > 0) & (ratio > 1.0 + eps_high)) | ((advantage < 0) & (ratio < 1.0 - eps_low))
+    return per_token, ratio, clipped
 
 
 def grpo_loss(
@@ -113,9 +126,7 @@ def grpo_loss(
     adv = adv_seq[:, :, None]  # broadcast over tokens
 
     log_ratio = lp - lp_b
-    ratio = torch.exp(log_ratio)
-    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
-    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    per_token, ratio, is_clipped = clipped_surrogate(log_ratio, adv, eps_low, eps_high)
     # where, not only *mask: padding may hold -inf log-probs whose ratio is nan/inf.
     per_token = torch.where(keep, per_token * m, torch.zeros_like(per_token))
 
@@ -131,10 +142,6 @@ def grpo_loss(
         denom = n_tok.clamp(min=1).float()
         ratio_d = ratio.detach().float()
         lr_d = log_ratio.detach().float()
-        adv_b = adv.expand_as(ratio_d).float()
-        is_clipped = ((adv_b > 0) & (ratio_d > 1.0 + eps_high)) | (
-            (adv_b < 0) & (ratio_d < 1.0 - eps_low)
-        )
         zero = torch.zeros_like(ratio_d)
         kl = torch.where(keep, (ratio_d - 1.0) - lr_d, zero)
         a = adv_seq.float()

@@ -35,7 +35,7 @@ import torch
 
 Normalizer = Union[int, float, torch.Tensor]
 
-__all__ = ["v_star", "oapl_loss", "degenerate_groups"]
+__all__ = ["v_star", "oapl_loss", "degenerate_groups", "residuals"]
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -69,6 +69,13 @@ def v_star(rewards: torch.Tensor, beta1: float) -> torch.Tensor:
     # an all-equal group (mean of ones is 1, log 1 = 0).
     m = r.max(dim=-1).values
     return m + beta1 * torch.log(torch.exp((r - m[:, None]) / beta1).mean(dim=-1))
+
+
+def residuals(logp: torch.Tensor, logp_lag: torch.Tensor, advantage: torch.Tensor, beta2: float) -> torch.Tensor:
+    """The term Eq. 3 squares, elementwise: ``beta2 * (logp - logp_lag) - advantage`` with
+    ``advantage = r - V*(x)``. Any shape: a token-budget micro-batch passes its sequences flat, with
+    V* computed beforehand from each whole group."""
+    return beta2 * (logp - logp_lag.detach()) - advantage
 
 
 def degenerate_groups(rewards: torch.Tensor) -> torch.Tensor:
@@ -129,7 +136,7 @@ def oapl_loss(
     vs = v_star(r, beta1).to(dtype)  # [P]
     advantage = r - vs[:, None]  # [P, G]
     log_ratio = lp - lp_lag
-    residual = beta2 * log_ratio - advantage
+    residual = residuals(lp, lp_lag, advantage, beta2)
     sq = residual.square()
 
     degenerate = degenerate_groups(r)  # [P]

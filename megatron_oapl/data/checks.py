@@ -31,13 +31,26 @@ def check_run_data(cfg: Any) -> str:
             raise DataError(f"{split} prompt {empty.prompt_id!r} encodes to no tokens with the tokenizer of "
                             f"model.hf_path={cfg.model.hf_path!r} (is it the model's tokenizer?)")
         counts[split] = len(prompts)
+        if split == "train":
+            _check_token_budget(cfg, prompts)
     summary = f"data: {counts['train']} train and {counts['eval']} eval prompts"
     if cfg.lag.mode == "offline":
-        from megatron_oapl.rollout.dataset import read_groups
+        from megatron_oapl.rollout.dataset import RolloutDataset
 
-        try:
-            groups = read_groups(cfg.lag.offline_dataset, cfg.fleet)
+        try:  # its index and first line: each other line is checked when a step reads it
+            groups = RolloutDataset(cfg.lag.offline_dataset, cfg.fleet)
         except (OSError, ValueError) as err:  # its errors name the file and line already
             raise DataError(str(err)) from None
         summary += f", {len(groups)} offline rollout groups"
     return summary
+
+
+def _check_token_budget(cfg: Any, prompts) -> None:
+    """A token budget below the longest prompt + 1 token could never hold a training sequence."""
+    from megatron_oapl.config import ConfigError
+
+    budget = cfg.parallel.micro_batch_tokens
+    longest = max((len(p.token_ids) for p in prompts), default=0)
+    if budget and budget < longest + 1:
+        raise ConfigError(f"parallel.micro_batch_tokens={budget} is below the longest train prompt "
+                          f"({longest} tokens) + 1 completion token (allowed: >= {longest + 1}, or 0 = off)")

@@ -8,6 +8,14 @@ Normalisation: every micro-batch loss is a *sum* over its sequences (or tokens, 
 with its count; with `calculate_per_token_loss` Megatron all-reduces the counts over DP and divides the
 gradients by the global total. The step therefore minimises the mean over the global batch, whatever
 the micro-batch count and DP size.
+
+Two micro-batch layouts:
+- whole groups (`parallel.micro_batch_tokens = 0`): slices of `micro_batch_groups` groups of the rank's
+  DP shard, every row padded to the step's longest sequence;
+- token budget (`micro_batch_tokens > 0`, `batch.plan_micro_batches`): V* (GRPO: the normalised
+  advantage) is computed per group for the whole step first (`SequenceTargets`), then whole sequences
+  are dealt into micro-batches (optionally packed into one row) and the loss is a sum over each
+  micro-batch's sequences. Per-sequence log-prob sums are scattered back by global sequence index.
 """
 
 from __future__ import annotations
@@ -19,8 +27,19 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from megatron_oapl import metrics as M
 from megatron_oapl.algo import grpo_loss, oapl_loss
-from megatron_oapl.learner.batch import TrainBatch
+from megatron_oapl.algo.grpo import clipped_surrogate, group_normalized_advantages
+from megatron_oapl.algo.oapl import degenerate_groups, residuals, v_star
+from megatron_oapl.config import ConfigError
+from megatron_oapl.learner.batch import (
+    SequenceMicroBatch,
+    TrainBatch,
+    layout,
+    pad_multiple,
+    plan_micro_batches,
+    whole_group_padding,
+)
 from megatron_oapl.learner.logprobs import vocab_parallel_token_logprobs
 
 
@@ -36,6 +55,7 @@ class StepResult:
     lr: float
     num_tokens: int
     metrics: dict[str, float] = field(default_factory=dict)
+    layout: dict[str, float] = field(default_factory=dict)  # metric name -> value (micro-batches, padding)
 
 
 @dataclass
@@ -73,6 +93,7 @@ class LossSpec:
     filter_degenerate: bool = False
     eps_low: float = 0.2
     eps_high: float = 0.2
+    logprob_chunk_tokens: int = 0  # tokens per fp32 log-prob chunk (0 = all at once)
 
     @classmethod
     def from_config(cls, cfg, loss: str | None = None) -> "LossSpec":
@@ -86,6 +107,7 @@ class LossSpec:
             filter_degenerate=cfg.algo.filter_degenerate_groups,
             eps_low=cfg.algo.grpo_eps_low,
             eps_high=cfg.algo.grpo_eps_high,
+            logprob_chunk_tokens=cfg.parallel.logprob_chunk_tokens,
         )
 
 
@@ -95,7 +117,8 @@ def _reduce_op(key: str) -> str:
 
 
 def _loss(spec: LossSpec, mb: TrainBatch, logits: torch.Tensor):
-    token_logp = vocab_parallel_token_logprobs(logits, mb.labels, spec.temperature, spec.vocab_size)
+    token_logp = vocab_parallel_token_logprobs(logits, mb.labels, spec.temperature, spec.vocab_size,
+                                               chunk_tokens=spec.logprob_chunk_tokens)
     mask = mb.loss_mask
     seq_logp = (token_logp * mask).sum(-1)
     if spec.length_normalize:
@@ -138,15 +161,17 @@ def _forward_step(spec: LossSpec, data_iterator, model):
     return logits, partial(_loss, spec, mb)
 
 
-def forward_backward(policy, batch: TrainBatch, spec: LossSpec, ctx, micro_batch_groups, forward_only):
-    """Run Megatron's schedule over this DP rank's micro-batches; returns per-micro-batch records
-    (only on the last pipeline stage; empty elsewhere)."""
+def forward_backward(policy, batch: TrainBatch, spec: LossSpec, ctx, parallel, forward_only):
+    """Run Megatron's schedule over this DP rank's micro-batches (`parallel` is the config's section);
+    returns (per-micro-batch records, only on the last pipeline stage, empty elsewhere; layout metrics)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    if parallel.micro_batch_tokens > 0:
+        return _token_budget_forward_backward(policy, batch, spec, ctx, parallel, forward_only)
     local = batch.shard(ctx.dp_rank, ctx.dp_size).to(ctx.device)
-    micro = local.micro_batches(micro_batch_groups)
+    micro = local.micro_batches(parallel.micro_batch_groups)
     # Every pipeline stage walks the same micro-batches: the first uses the tokens, the last the labels.
-    return get_forward_backward_func()(
+    records = get_forward_backward_func()(
         forward_step_func=partial(_forward_step, spec),
         data_iterator=iter(micro),
         model=policy.model,
@@ -155,6 +180,172 @@ def forward_backward(policy, batch: TrainBatch, spec: LossSpec, ctx, micro_batch
         micro_batch_size=micro[0].num_sequences,
         forward_only=forward_only,
     )
+    return records, {M.MICRO_BATCHES: float(len(micro)), M.PADDING_FRACTION: whole_group_padding(batch)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Token-budget micro-batches (and packing)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SequenceTargets:
+    """Per-sequence constants of the whole step, flat over the global batch [P*G]: what a micro-batch of
+    arbitrary sequences needs from their groups (V* depends on the whole group's rewards only)."""
+
+    logp_lag: torch.Tensor
+    advantage: torch.Tensor  # OAPL: r - V*(x); GRPO: the group-normalised advantage
+    keep: torch.Tensor  # bool: the sequence enters the loss sum (algo.filter_degenerate_groups)
+    token_weight: float  # global sequences / global masked tokens (token means through the seq divisor)
+
+    @classmethod
+    def of(cls, spec: LossSpec, batch: TrainBatch, device) -> "SequenceTargets":
+        rewards = batch.rewards.float()
+        if spec.loss == "grpo":
+            advantage = group_normalized_advantages(rewards)
+        else:
+            advantage = rewards - v_star(rewards, spec.beta1)[:, None]
+        keep = torch.ones_like(rewards, dtype=torch.bool)
+        if spec.loss == "oapl" and spec.filter_degenerate:
+            keep = (~degenerate_groups(rewards))[:, None].expand_as(rewards)
+        weight = batch.num_sequences / max(float(batch.loss_mask.sum()), 1.0)
+        return cls(batch.logp_lag.float().flatten().to(device), advantage.flatten().to(device),
+                   keep.flatten().to(device), weight)
+
+
+def packing_attention_problem(tconfig, transformer_engine: bool) -> str | None:
+    """Why packed rows would leak attention across sequences with this model's attention, or None.
+    Transformer Engine takes the THD path (cu_seqlens); Megatron's local attention takes an explicit
+    block-diagonal mask, which its unfused softmax honours but its fused causal kernel and a sliding
+    window replace."""
+    if transformer_engine:
+        return None
+    if tconfig.masked_softmax_fusion:
+        return ("parallel.pack_sequences=true needs attention that honours a block-diagonal mask; the local "
+                "layers' fused causal softmax (masked_softmax_fusion) ignores it (allowed here: false)")
+    if getattr(tconfig, "window_size", None) is not None:
+        return ("parallel.pack_sequences=true cannot be combined with sliding-window attention "
+                f"(window_size={tconfig.window_size}), whose mask replaces the packing mask (allowed: false)")
+    return None
+
+
+def _token_budget_forward_backward(policy, batch, spec, ctx, parallel, forward_only):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_oapl.models.megatron_model import use_transformer_engine
+
+    te = use_transformer_engine()
+    if parallel.pack_sequences:
+        problem = packing_attention_problem(policy.config, te)
+        if problem:
+            raise ConfigError(problem)
+    multiple = pad_multiple(ctx.tp_size)
+    plan = plan_micro_batches(batch, parallel.micro_batch_tokens, multiple, parallel.pack_sequences, ctx.dp_size)
+    micro = [layout(batch, ids, multiple, parallel.pack_sequences).to(ctx.device)
+             for ids in plan.per_rank[ctx.dp_rank]]
+    targets = SequenceTargets.of(spec, batch, ctx.device)
+    # Shapes vary per micro-batch: the pipeline exchanges them first (TransformerConfig.variable_seq_lengths),
+    # so seq_length / micro_batch_size below only matter to schedules that ignore them.
+    records = get_forward_backward_func()(
+        forward_step_func=partial(_sequence_forward_step, spec, targets, te and parallel.pack_sequences),
+        data_iterator=iter(micro),
+        model=policy.model,
+        num_microbatches=len(micro),
+        seq_length=max(m.seq_length for m in micro),
+        micro_batch_size=max(m.num_rows for m in micro),
+        forward_only=forward_only,
+    )
+    return records, {M.MICRO_BATCHES: float(plan.micro_batches_per_rank), M.PADDING_FRACTION: plan.padding_fraction}
+
+
+def _packed_seq_params(mb: SequenceMicroBatch):
+    """Transformer Engine's THD description of a packed row (GPU; unverified here, no GPU)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = mb.cu_seqlens.to(mb.tokens.device, torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def _sequence_forward_step(spec, targets, thd: bool, data_iterator, model):
+    mb: SequenceMicroBatch = next(data_iterator)
+    packed = mb.cu_seqlens.numel() > 1
+    if thd:  # TE: one packed row as THD, sequences delimited by cu_seqlens (RoPE restarts there too)
+        logits = model(mb.tokens, mb.position_ids, None, packed_seq_params=_packed_seq_params(mb))
+    else:  # local attention: padded rows are causal as usual; a packed row gets the block-diagonal mask
+        logits = model(mb.tokens, mb.position_ids, mb.block_causal_mask() if packed else None)
+    return logits, partial(_sequence_loss, spec, targets, mb)
+
+
+def _per_sequence(values: torch.Tensor, mb: SequenceMicroBatch) -> torch.Tensor:
+    """Sum `values[R, L]` over each sequence's positions -> [n] (padding goes to a dropped slot)."""
+    sums = torch.zeros(mb.num_sequences + 1, dtype=values.dtype, device=values.device)
+    return sums.index_add(0, (mb.segments + 1).flatten(), values.flatten())[1:]
+
+
+def _sequence_loss(spec: LossSpec, targets: SequenceTargets, mb: SequenceMicroBatch, logits: torch.Tensor):
+    token_logp = vocab_parallel_token_logprobs(logits, mb.labels, spec.temperature, spec.vocab_size,
+                                               chunk_tokens=spec.logprob_chunk_tokens)
+    mask = mb.loss_mask
+    masked = torch.where(mask != 0, token_logp * mask, torch.zeros_like(token_logp))
+    seq_logp = _per_sequence(masked, mb)
+    if spec.length_normalize:
+        seq_logp = seq_logp / _per_sequence(mask, mb).clamp(min=1)
+    # An empty micro-batch (DP ranks padded to the same count) still needs a graph to the logits.
+    anchor = masked.sum() * 0.0
+    n_seq = mb.num_sequences
+    idx = mb.seq_index
+    if spec.loss == "logprobs":
+        return anchor, torch.tensor(n_seq, dtype=torch.int), {"seq_logp": seq_logp.detach(), "seq_index": idx}
+    keep = targets.keep[idx]
+    if spec.loss == "oapl":
+        log_ratio = seq_logp - targets.logp_lag[idx]
+        residual = residuals(seq_logp, targets.logp_lag[idx], targets.advantage[idx], spec.beta2)
+        loss = torch.where(keep, residual.square(), torch.zeros_like(residual)).sum() + anchor
+        count = n_seq
+        res, lr = residual.detach(), log_ratio.detach()
+        record = {"residual_mean": res.sum(), "residual_abs_mean": res.abs().sum(),
+                  "log_ratio_mean": lr.sum(), "abs_log_ratio_mean": lr.abs().sum(),
+                  "kept_seq_frac": keep.float().sum()}
+    elif spec.loss == "grpo":
+        token_adv = torch.cat([targets.advantage.new_zeros(1), targets.advantage[idx]])[mb.segments + 1]
+        log_ratio = token_logp - mb.behaviour_logp
+        per_token, ratio, clipped = clipped_surrogate(log_ratio, token_adv, spec.eps_low, spec.eps_high)
+        on = mask != 0
+        loss = torch.where(on, per_token * mask, torch.zeros_like(per_token)).sum() + anchor
+        count = int(mask.sum().item())
+        zero = torch.zeros_like(token_logp)
+        lr, w = log_ratio.detach(), targets.token_weight
+        record = {"clip_frac": (clipped & on).float().sum() * w,
+                  "ratio_mean": torch.where(on, ratio.detach(), zero).sum() * w,
+                  "approx_kl": torch.where(on, ratio.detach() - 1.0 - lr, zero).sum() * w,
+                  "abs_log_ratio_mean": _per_sequence(torch.where(on, lr, zero), mb).abs().sum()}
+    else:
+        raise ValueError(f"algo.loss={spec.loss!r} is not a known loss (allowed: oapl, grpo)")
+    # Sums over sequences (token sums scaled by token_weight): the reduction divides by the global count.
+    record.update(
+        loss_sum=loss.detach(), loss_count=torch.tensor(float(count)),
+        seq_count=torch.tensor(float(n_seq)), seq_logp_sum=seq_logp.detach().sum(),
+        response_tokens=mask.sum(),
+    )
+    return loss, torch.tensor(count, dtype=torch.int), record
+
+
+_REWARD_ONLY_METRICS = ("advantage_mean", "advantage_std", "advantage_min", "advantage_max",
+                        "v_star_mean", "degenerate_group_frac")
+
+
+def _reward_metrics(spec: LossSpec, batch: TrainBatch) -> dict[str, float]:
+    """The metrics that depend on the rewards alone, over the whole step (a micro-batch of arbitrary
+    sequences holds partial groups): the algo functions' own, with log-probs that do not matter here."""
+    lag = batch.logp_lag.float()
+    if spec.loss == "grpo":
+        zeros = lag[:, :, None] * 0
+        _, metrics = grpo_loss(zeros, zeros, torch.ones_like(zeros), batch.rewards)
+    else:
+        _, metrics = oapl_loss(lag, lag, batch.rewards, spec.beta1, spec.beta2)
+    return {k: float(v) for k, v in metrics.items() if k in _REWARD_ONLY_METRICS}
 
 
 def _reduce_records(records: list[dict], ctx) -> dict[str, float]:
@@ -194,8 +385,10 @@ def train_step(policy, batch: TrainBatch, cfg, ctx, step: int = 0) -> StepResult
         chunk.zero_grad_buffer()
     policy.optimizer.zero_grad()
     spec = LossSpec.from_config(cfg)
-    records = forward_backward(policy, batch, spec, ctx, cfg.parallel.micro_batch_groups, False)
+    records, layout_metrics = forward_backward(policy, batch, spec, ctx, cfg.parallel, False)
     metrics = _reduce_records(records, ctx)
+    if cfg.parallel.micro_batch_tokens > 0:
+        metrics.update(_reward_metrics(spec, batch))
     loss = metrics.pop("loss")
 
     optimizer = policy.optimizer
@@ -216,6 +409,7 @@ def train_step(policy, batch: TrainBatch, cfg, ctx, step: int = 0) -> StepResult
         lr=optimizer.param_groups[0]["lr"],
         num_tokens=int(batch.tokens.numel()),
         metrics=metrics,
+        layout=layout_metrics,
     )
 
 
@@ -226,7 +420,9 @@ def forward_logprobs(policy, batch: TrainBatch, cfg, ctx) -> torch.Tensor:
     from megatron.core import parallel_state
 
     spec = LossSpec.from_config(cfg, loss="logprobs")
-    records = forward_backward(policy, batch, spec, ctx, cfg.parallel.micro_batch_groups, True)
+    records, _ = forward_backward(policy, batch, spec, ctx, cfg.parallel, True)
+    if cfg.parallel.micro_batch_tokens > 0:
+        return _scatter_sequence_logprobs(records, batch, ctx)
     local_groups = batch.num_groups // ctx.dp_size
     out = torch.empty(batch.num_groups, batch.group_size, device=ctx.device)
     if ctx.is_last_stage:
@@ -241,3 +437,20 @@ def forward_logprobs(policy, batch: TrainBatch, cfg, ctx) -> torch.Tensor:
         dist.broadcast(out, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
     return out.cpu()
+
+
+def _scatter_sequence_logprobs(records: list[dict], batch: TrainBatch, ctx) -> torch.Tensor:
+    """[P, G] from token-budget micro-batches: each sequence's sum lands at its global index on the one
+    DP rank that ran it, zeros elsewhere, so a sum over DP ranks assembles the batch."""
+    from megatron.core import parallel_state
+
+    flat = torch.zeros(batch.num_sequences, device=ctx.device)
+    if ctx.is_last_stage:
+        for record in records:
+            flat[record["seq_index"].to(ctx.device)] = record["seq_logp"].to(ctx.device, flat.dtype)
+        if ctx.dp_size > 1:
+            dist.all_reduce(flat, group=parallel_state.get_data_parallel_group())
+    if ctx.pp_size > 1:
+        dist.broadcast(flat, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+    return flat.reshape(batch.num_groups, batch.group_size).cpu()

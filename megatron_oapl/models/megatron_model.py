@@ -2,7 +2,8 @@
 
 On a GPU machine with Transformer Engine the TE layer spec is used (required for FP8); elsewhere
 Megatron's local spec. Both produce the same parameters (modulo TE's fused layer-norm placement), and
-`hf_mapping.py` handles both names.
+`hf_mapping.py` handles both names. Under sequence parallelism the local spec's norms are swapped for
+`SequenceParallelTorchNorm` (Megatron's torch norm wrapper refuses sequence parallelism).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from megatron_oapl.config import check_hardware
+from megatron_oapl.config import ConfigError, check_hardware
 from megatron_oapl.models.fp8 import fp8_transformer_config_kwargs
 from megatron_oapl.models.presets import get_architecture
 from megatron_oapl.models.rope import apply_rope_scaling
+from megatron_oapl.platform import transformer_engine_problem
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -25,7 +27,30 @@ def params_dtype(precision_cfg) -> torch.dtype:
 
 
 def use_transformer_engine() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+    """TE layers on a GPU with TE installed; a TE that is installed but broken is an error, not a fallback."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    problem = transformer_engine_problem()
+    if problem:
+        raise RuntimeError(problem)
+    return True
+
+
+def recompute_kwargs(par) -> dict:
+    """Megatron's activation-recompute fields for `parallel.recompute`.
+
+    full: each chunk of `recompute_num_layers` layers keeps only its input and is re-run in backward
+    (recompute_method=uniform). selective: only core attention (the [b, heads, s, s] scores and
+    softmax) is re-run; with TE's fused attention those are never stored, so full is the lever there.
+    """
+    if par.recompute == "none":
+        return {"recompute_granularity": None}
+    if par.recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform",
+                "recompute_num_layers": par.recompute_num_layers}
+    if par.recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    raise ConfigError(f"parallel.recompute={par.recompute!r} is not allowed (allowed: none, full, selective)")
 
 
 def padded_vocab_size(model_cfg, tp_size: int) -> int:
@@ -36,11 +61,13 @@ def padded_vocab_size(model_cfg, tp_size: int) -> int:
 
 def build_transformer_config(cfg):
     """A Megatron `TransformerConfig` for `cfg` (a RunConfig)."""
+    # First: FP8 without GPU/TE, or a broken TE (which breaks `import megatron.core`), fail here with
+    # the config's own message.
+    check_hardware(cfg)
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     model, par, prec = cfg.model, cfg.parallel, cfg.precision
     arch = get_architecture(model.preset)
-    check_hardware(cfg)  # FP8 without GPU/TE fails here with the config's own message
     dtype = params_dtype(prec)
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
@@ -74,6 +101,10 @@ def build_transformer_config(cfg):
         # The loss function returns (sum, count); Megatron divides by the global count after the
         # DP all-reduce, which makes the loss independent of micro-batch count and DP size.
         calculate_per_token_loss=True,
+        # Token-budget micro-batches differ in shape: pipeline stages exchange each shape first.
+        variable_seq_lengths=par.micro_batch_tokens > 0,
+        # Dense models have no experts; Megatron's default (allgather) dispatcher refuses variable lengths.
+        moe_token_dispatcher_type="alltoall" if par.micro_batch_tokens > 0 else "allgather",
         # Fused kernels exist only on GPU (apex / TE / jit CUDA).
         bias_activation_fusion=on_gpu,
         # The fused kernel is TE's, or apex's under the local spec (not installed without TE: it would raise).
@@ -82,8 +113,45 @@ def build_transformer_config(cfg):
         apply_rope_fusion=False,
         persist_layer_norm=on_gpu,
         gradient_accumulation_fusion=False,
+        **recompute_kwargs(par),
         **fp8_transformer_config_kwargs(prec.fp8),
     )
+
+
+class SequenceParallelTorchNorm:
+    """Megatron's `WrappedTorchNorm` (torch RMSNorm / LayerNorm) made usable under sequence parallelism.
+
+    With sequence parallelism each TP rank normalises only its slice of the sequence, so a norm weight's
+    gradient is partial on each rank. TE's and apex's norms tag their weights `sequence_parallel`, and
+    Megatron's finalize_model_grads sums tagged gradients over the TP group; Megatron's torch wrapper
+    lacks the tag and therefore asserts. This adds the tag (and nothing else).
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        norm_cls = {"RMSNorm": torch.nn.RMSNorm, "LayerNorm": torch.nn.LayerNorm}[config.normalization]
+        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _with_sequence_parallel_norms(layer_spec):
+    """The local layer spec with each torch norm replaced by `SequenceParallelTorchNorm`."""
+    from dataclasses import replace
+
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    def swap(module):
+        return SequenceParallelTorchNorm if module is WrappedTorchNorm else module
+
+    layer = layer_spec.submodules
+    attention = layer.self_attention
+    attention = replace(attention, submodules=replace(
+        attention.submodules, q_layernorm=swap(attention.submodules.q_layernorm),
+        k_layernorm=swap(attention.submodules.k_layernorm)))
+    layer = replace(layer, input_layernorm=swap(layer.input_layernorm), self_attention=attention,
+                    pre_mlp_layernorm=swap(layer.pre_mlp_layernorm))
+    return replace(layer_spec, submodules=layer)
 
 
 def build_layer_spec(cfg):
@@ -92,9 +160,20 @@ def build_layer_spec(cfg):
     arch = get_architecture(cfg.model.preset)
     if use_transformer_engine():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(
-        qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"
-    )
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    return _with_sequence_parallel_norms(spec) if cfg.parallel.sequence_parallel else spec
+
+
+def build_block_spec(cfg, transformer_config):
+    """What GPTModel builds its decoder from: the layer spec, or under sequence parallelism on the local
+    spec the whole block (its final norm must be a `SequenceParallelTorchNorm` too)."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layer_spec = build_layer_spec(cfg)
+    if not cfg.parallel.sequence_parallel or use_transformer_engine():
+        return layer_spec
+    return TransformerBlockSubmodules(layer_specs=[layer_spec] * get_num_layers_to_build(transformer_config),
+                                      layer_norm=SequenceParallelTorchNorm)
 
 
 def build_gpt_model(cfg, transformer_config, pre_process: bool, post_process: bool):
@@ -104,7 +183,7 @@ def build_gpt_model(cfg, transformer_config, pre_process: bool, post_process: bo
 
     model = GPTModel(
         config=transformer_config,
-        transformer_layer_spec=build_layer_spec(cfg),
+        transformer_layer_spec=build_block_spec(cfg, transformer_config),
         vocab_size=padded_vocab_size(cfg.model, parallel_state.get_tensor_model_parallel_world_size()),
         max_sequence_length=cfg.model.max_seq_length,
         pre_process=pre_process,

@@ -14,6 +14,11 @@ What is patched, and why:
 - RNG: `torch.cuda.{get,set}_rng_state/manual_seed` and Megatron's `_get/_set_cuda_rng_state` act on
   the CPU default generator, so `model_parallel_cuda_manual_seed` and the RNG tracker work unchanged.
 - `torch.cuda.nvtx` ranges and streams/events: no-ops (profiling and overlap only).
+- Autograd's engine (`Variable._execution_engine`): every backward runs with `CudaOnCpu` pushed. A
+  TorchFunctionMode is popped while its own handler runs, and `Tensor.backward`, `torch.autograd.backward`
+  and `torch.autograd.grad` are overridable functions that reach the engine through that handler: the
+  engine would capture an empty mode stack, and `autograd.Function.backward` code (Megatron's
+  `_gather_along_first_dim` under sequence parallelism, activation recompute) would allocate on CUDA.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch.overrides import TorchFunctionMode
+from torch._C import _pop_torch_function_stack, _push_on_torch_function_stack
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 _INSTALLED = False
 _MODE: "CudaOnCpu | None" = None
@@ -140,6 +146,42 @@ def _patch_torch_cuda() -> None:
     cuda.nvtx.range = lambda *a, **k: contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _mode_pushed(mode: TorchFunctionMode):
+    """`mode` on the torch-function stack for the block (pushed only where it is missing)."""
+    if any(m is mode for m in _get_current_function_mode_stack()):
+        yield
+        return
+    _push_on_torch_function_stack(mode)
+    try:
+        yield
+    finally:
+        _pop_torch_function_stack()
+
+
+class _EngineUnderMode:
+    """Autograd's engine, running each backward pass with the CPU layer's mode active: the engine hands
+    the caller's mode stack to every backward node, hook and recomputation it runs."""
+
+    def __init__(self, engine, mode: TorchFunctionMode):
+        self._engine = engine
+        self._mode = mode
+
+    def run_backward(self, *args, **kwargs):
+        with _mode_pushed(self._mode):
+            return self._engine.run_backward(*args, **kwargs)
+
+    def __getattr__(self, name):  # queue_callback, is_checkpoint_valid, ...
+        return getattr(self._engine, name)
+
+
+def _patch_autograd_engine(mode: TorchFunctionMode) -> None:
+    from torch.autograd.variable import Variable
+
+    if not isinstance(Variable._execution_engine, _EngineUnderMode):
+        Variable._execution_engine = _EngineUnderMode(Variable._execution_engine, mode)
+
+
 def _patch_megatron_rng() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
 
@@ -157,6 +199,7 @@ def install() -> None:
     _patch_torch_cuda()
     _patch_megatron_rng()
     _MODE = CudaOnCpu()
+    _patch_autograd_engine(_MODE)
     _MODE.__enter__()
     _INSTALLED = True
 

@@ -140,6 +140,16 @@ def test_validation_errors_name_field_and_value(overrides, needles):
         assert needle in str(e.value)
 
 
+def test_top_p_below_one_needs_recomputed_logp_lag():
+    """Review W1: the engine's log-probs are top-p-renormalised, the learner's are not."""
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, ["fleet.top_p=0.9"], check_hardware=False)
+    assert e.value.errors == ["fleet.top_p=0.9 needs algo.logp_lag_source='recompute' (or fleet.top_p=1): the "
+                              "engine's log-probs are top-p-renormalised, the learner's temperature-only"]
+    assert load_config(TINY, ["fleet.top_p=0.9", "algo.logp_lag_source=recompute"]).fleet.top_p == 0.9
+    assert load_config(TINY, ["fleet.top_p=1.0"]).algo.logp_lag_source == "engine"
+
+
 def test_errors_are_collected():
     with pytest.raises(ConfigError) as e:
         load_config(TINY, ["algo.beta1=0", "algo.beta2=0"])

@@ -1,7 +1,12 @@
 """Model presets on CPU: TransformerConfig fields from the run config, the FP8 mapping (which can be
-constructed but not run here) and the clear error when FP8 is asked for on a CPU machine."""
+constructed but not run here), the recompute mapping, and the clear errors when FP8 is asked for on a
+CPU machine or an installed Transformer Engine does not import."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -57,3 +62,60 @@ def test_vocab_padding_is_a_multiple_of_tp():
     cfg = from_dict({"model": {"vocab_size": 30, "make_vocab_size_divisible_by": 4}})
     assert padded_vocab_size(cfg.model, 2) == 32 and padded_vocab_size(cfg.model, 1) == 32
     assert padded_vocab_size(from_dict({"model": {"vocab_size": 30}}).model, 4) == 32
+
+
+@pytest.mark.parametrize("recompute,expected", [
+    ("none", (None, None, None)),
+    ("full", ("full", "uniform", 2)),
+    ("selective", ("selective", None, None)),
+])
+def test_recompute_maps_to_megatron_fields(recompute, expected):
+    cfg = from_dict({"model": {"num_layers": 4}, "parallel": {"recompute": recompute, "recompute_num_layers": 2}})
+    tc = build_transformer_config(cfg)
+    assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == expected
+    if recompute == "selective":
+        assert tc.recompute_modules == ["core_attn"]
+
+
+def test_recompute_bad_values_are_one_line_naming_the_field():
+    with pytest.raises(ConfigError, match=r"parallel\.recompute='sometimes' must be one of: none, full, selective"):
+        from_dict({"parallel": {"recompute": "sometimes"}})
+    with pytest.raises(ConfigError,
+                       match=r"parallel\.recompute_num_layers=3 must be <= the layers per pipeline stage, 2"):
+        from_dict({"model": {"num_layers": 4}, "parallel": {"recompute": "full", "recompute_num_layers": 3,
+                                                             "pipeline_model_parallel_size": 2}})
+
+
+BROKEN_TE_PROBE = """
+import torch
+from megatron_oapl.config import ConfigError, from_dict
+try:
+    from_dict({})
+except ConfigError as err:
+    print("config:", err)
+torch.cuda.is_available = lambda: True  # the GPU path of the model builder (no GPU can exist here)
+from megatron_oapl.models.megatron_model import use_transformer_engine
+try:
+    use_transformer_engine()
+except RuntimeError as err:
+    print("model:", err)
+"""
+
+
+def test_broken_transformer_engine_is_one_clear_error_at_start(tmp_path):
+    """A TE that is installed but does not import (here: a package whose __init__ raises, as a TE built
+    against another torch does) is named at config load and by the model builder, instead of failing
+    inside `import megatron.core`."""
+    package = tmp_path / "transformer_engine"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        'raise ImportError("transformer_engine_torch.so: undefined symbol: _ZN3c104cuda9SetDeviceEi")\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    proc = subprocess.run([sys.executable, "-c", BROKEN_TE_PROBE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split(":", 1)[0] for line in lines] == ["config", "model"], proc.stdout
+    for line in lines:
+        assert "transformer_engine is installed but fails to import: ImportError: " in line
+        assert "undefined symbol: _ZN3c104cuda9SetDeviceEi" in line and "built against this torch" in line

@@ -80,6 +80,8 @@ def test_code_recipe_has_the_papers_offline_settings():
     assert cfg.optim.lr == pytest.approx(1e-6) and cfg.optim.lr_decay_style == "cosine"
     assert (cfg.optim.adam_beta1, cfg.optim.adam_beta2) == (0.9, 0.95)
     assert (cfg.fleet.temperature, cfg.fleet.top_p) == (0.6, 0.95) and cfg.model.max_seq_length == 32768
+    # top_p < 1: logp_lag from the learner's frozen copy (the generator offline), not the engine (review W1)
+    assert cfg.algo.logp_lag_source == "recompute"
     per_round = cfg.optim.train_steps * cfg.fleet.prompts_per_step * cfg.fleet.group_size
     assert 2 * per_round == pytest.approx(200_000, rel=0.05)  # ~200K generations over two rounds
 
@@ -90,12 +92,42 @@ def test_offline_runs_refuse_fleet_nodes(capsys):
     assert "--fleet-nodes=1: lag.mode='offline' runs no fleet (allowed: 0" in capsys.readouterr().err
 
 
-def test_local_fleet_mode_is_still_available_and_warns(capsys):
+def test_local_fleet_mode_on_gpu_learner_nodes_is_refused_naming_the_fields(capsys):
+    """Every GPU of a learner node holds a learner rank: local engines would have none of their own
+    (rollout/placement.py, the function the coordinator uses at its start)."""
     argv = _argv(ROOT / "configs" / "qwen3_4b_math.yaml", "--fleet-mode", "local")
+    assert slurm.main(argv) == 2
+    err = capsys.readouterr().err
+    assert ("--fleet-mode=local with --learner-gpus-per-node=8: fleet.num_engines=4 x "
+            "fleet.engine_tensor_parallel_size=1 + 8 learner rank(s) on this node need 12 GPUs, but this node "
+            "has 8") in err
+
+
+def test_local_fleet_mode_is_still_available_on_cpu_nodes(capsys):
+    argv = _argv(ROOT / "configs" / "tiny.yaml", "--fleet-mode", "local", "--fleet-nodes", "1")
     assert slurm.main(argv) == 0
     out = capsys.readouterr()
-    assert "warning: --fleet-mode=local: the engines run on the learner nodes" in out.err
     assert "-m megatron_oapl.rollout.fleet_node" not in out.out and "#SBATCH hetjob" in out.out
+
+
+def test_gpu_learner_step_is_cpu_bound_and_alone_gets_cuda_device_max_connections(capsys):
+    """Review P9: the learner step binds each rank's cores (not --gpu-bind=closest, which would hide
+    GPUs from LOCAL_RANK), and CUDA_DEVICE_MAX_CONNECTIONS=1 reaches the learners only, not the engines."""
+    assert slurm.main(_argv(ROOT / "configs" / "qwen3_4b_math.yaml")) == 0
+    script = capsys.readouterr().out
+    fleet_step = script.split(" FLEET STEP ")[1].split(" END FLEET STEP ")[0]
+    learner_srun = script.split('srun "${LEARNER_SRUN[@]}" --nodes=')[1].split("&\n")[0]
+    assert "--cpu-bind=cores --distribution=block:block" in learner_srun
+    assert "--export=ALL,CUDA_DEVICE_MAX_CONNECTIONS=1 " in learner_srun
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in fleet_step and "--cpu-bind" not in fleet_step
+    assert "export CUDA_DEVICE_MAX_CONNECTIONS" not in script and "--gpu-bind" not in script
+    assert slurm.main(_argv(ROOT / "configs" / "qwen3_4b_math.yaml", "--no-default-env")) == 0
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in capsys.readouterr().out
+
+
+def test_cpu_learner_step_is_not_bound(capsys):
+    assert slurm.main(_argv(ROOT / "configs" / "tiny.yaml")) == 0
+    assert "--cpu-bind" not in capsys.readouterr().out
 
 
 def test_missing_data_is_an_error_before_submission(tmp_path, monkeypatch, capsys):

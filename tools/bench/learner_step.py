@@ -10,6 +10,14 @@ machine is noisy; the ratio is what means something). Goal: ratio >= 0.95.
         --vocab 32000 --seq 512 --prompts 4      # on a GPU (tools/gpu_check.py turns it into MFU)
 
 Last line: `oapl/ce tokens-per-second ratio: <x>`.
+
+    python tools/bench/learner_step.py --lengths longtail --threads 1   # padded whole groups vs packed token budget
+
+With `--lengths longtail` the batch has a long-tailed length mix (most completions short, a few up to
+--seq tokens; the padded step computes >= 3x its useful tokens). The same OAPL step runs with whole-group
+micro-batches padded to the longest row and with packed token-budget micro-batches
+(`parallel.micro_batch_tokens` = --budget, default 2 x --seq), interleaved. Last line:
+`packed/padded useful tokens/s: <x>` (useful = prompt + completion tokens, padding excluded).
 """
 
 from __future__ import annotations
@@ -52,6 +60,66 @@ def make_batch(args):
     return build_batch(prompts, completions, rewards, logp, seq_length=args.seq)
 
 
+def make_longtail_batch(args):
+    """Prompts of 16 tokens; completion lengths long-tailed (log-normal around 24 tokens, clipped to the
+    row), with one sequence per group at most at the full --seq so the padded step is far longer."""
+    import torch
+
+    from megatron_oapl.learner.batch import build_batch
+
+    gen = torch.Generator().manual_seed(0)
+    prompt_len, longest = 16, args.seq - 16
+    draws = torch.exp(torch.randn(args.prompts, args.group_size, generator=gen) * 0.8 + 3.2)
+    lengths = draws.clamp(4, longest).long()
+    lengths[0, 0] = longest  # the step's longest row sets the padded length
+    prompts = [torch.randint(1, args.vocab, (prompt_len,), generator=gen).tolist() for _ in range(args.prompts)]
+    completions = [[torch.randint(1, args.vocab, (int(n),), generator=gen).tolist() for n in row] for row in lengths]
+    rewards = (torch.rand(args.prompts, args.group_size, generator=gen) > 0.5).float().tolist()
+    logp = [[[-2.0] * int(n) for n in row] for row in lengths]
+    return build_batch(prompts, completions, rewards, logp, seq_length=args.seq)
+
+
+def longtail_main(args, ctx, cfg_dict) -> None:
+    """Padded whole-group micro-batches vs packed token-budget ones on the same long-tailed batch."""
+    import torch
+
+    from megatron_oapl.config import from_dict
+    from megatron_oapl.learner.model import build_policy
+    from megatron_oapl.learner.step import train_step
+
+    batch = make_longtail_batch(args)
+    packed = {**cfg_dict["parallel"], "micro_batch_tokens": args.budget or 2 * args.seq, "pack_sequences": True}
+    cfgs = {"padded": from_dict(cfg_dict), "packed": from_dict({**cfg_dict, "parallel": packed})}
+    policies = {name: build_policy(cfg, ctx) for name, cfg in cfgs.items()}
+    steps = {name: (lambda n=name: train_step(policies[n], batch, cfgs[n], ctx)) for name in cfgs}
+    times, layout = _interleaved(steps, args)
+    if ctx.rank == 0:
+        useful = int(batch.lengths.sum())
+        print(f"batch: {batch.num_sequences} sequences, {useful} useful tokens, padded step "
+              f"{batch.tokens.numel()} tokens ({batch.tokens.numel() / useful:.2f}x useful)")
+        tps = {}
+        for name, t in times.items():
+            tps[name] = useful / statistics.median(t)
+            info = ", ".join(f"{k.split('/')[-1]} {v:.3g}" for k, v in layout[name].items())
+            print(f"{name:>7}: median step {statistics.median(t) * 1e3:8.1f} ms, {tps[name]:9.0f} useful tokens/s ({info})")
+        print(f"packed/padded useful tokens/s: {tps['packed'] / tps['padded']:.2f}")
+
+
+def _interleaved(steps: dict, args):
+    """Warm up, then time each step function in turn (drift on the machine hits all alike)."""
+    for _ in range(args.warmup):
+        for fn in steps.values():
+            fn()
+    times, layout = {name: [] for name in steps}, {}
+    for _ in range(args.rounds):
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            result = fn()
+            times[name].append(time.perf_counter() - start)
+            layout[name] = getattr(result, "layout", {})
+    return times, layout
+
+
 def _ce_forward_step(data_iterator, model):
     import torch
 
@@ -90,9 +158,13 @@ def rank_main(args) -> None:
     from megatron_oapl.learner.model import build_policy
     from megatron_oapl.learner.step import train_step
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // args.tp))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // args.tp))
     cfg = from_dict(bench_config(args))
     ctx = init_distributed(cfg)
+    if args.lengths == "longtail":
+        longtail_main(args, ctx, bench_config(args))
+        destroy_distributed()
+        return
     policy = build_policy(cfg, ctx)
     batch = make_batch(args)
     steps = {"oapl": lambda: train_step(policy, batch, cfg, ctx), "ce": lambda: ce_step(policy, batch, ctx)}
@@ -134,7 +206,15 @@ def main() -> int:
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--lengths", choices=("fixed", "longtail"), default="fixed",
+                        help="fixed: every row --seq tokens (oapl vs ce); longtail: padded vs packed")
+    parser.add_argument("--budget", type=int, default=0, help="longtail: packed micro-batch tokens (0 = 2 x --seq)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per rank (0 = cores / TP; 1 on a machine shared with other jobs)")
     args = parser.parse_args()
+    if args.lengths == "longtail" and "--seq" not in sys.argv:
+        args.seq, args.prompts = 256, 8  # long rows, few groups: a few minutes at most on 2 cores
+        args.hidden = args.hidden if "--hidden" in sys.argv else 256  # compute, not per-op overhead, dominates
     import socket
 
     import torch.multiprocessing as mp
