@@ -41,6 +41,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from megatron_oapl.plan import add_memory_check_arguments, launch_memory_check
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -52,11 +54,22 @@ DEFAULT_ENV: dict[str, str] = {
     "NCCL_DEBUG": "WARN",
     # A failed or timed-out collective raises on every rank instead of hanging until the time limit.
     "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
-    # Megatron needs kernels of one stream queued in order for its TP/SP communication overlap.
-    "CUDA_DEVICE_MAX_CONNECTIONS": "1",
     # Tokenizers would otherwise start a thread pool per rank (and warn after fork).
     "TOKENIZERS_PARALLELISM": "false",
 }
+
+# Exported into the learner step only (unless --no-default-env, or --env sets the variable for the whole job).
+DEFAULT_LEARNER_ENV: dict[str, str] = {
+    # Megatron needs kernels of one stream queued in order for its TP/SP communication overlap; vLLM's
+    # engines would lose their stream concurrency with it (review P9).
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+}
+
+# CPU binding of the learner step on GPU nodes (review P9): each rank's cores, filled socket by socket in
+# rank order, so LOCAL_RANK i (GPU i) sits on the socket of GPUs 0..n/2-1 or n/2..n-1 as on DGX/HGX boards.
+# Not --gpu-bind=closest: that shows each task only its socket's GPUs, and LOCAL_RANK would no longer
+# index them (torch.cuda.set_device(LOCAL_RANK) fails for half the ranks).
+LEARNER_GPU_BINDING = ("--cpu-bind=cores", "--distribution=block:block")
 
 # Path prefixes that are node-local on virtually every cluster: a compute node sees its own, empty, copy.
 LOCAL_PREFIXES = ("/tmp", "/var/tmp", "/dev/shm", "/run", "/local", "/localscratch", "/scratch/local")
@@ -230,7 +243,8 @@ def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
                    help="export KEY=VAL in the job (repeatable; overrides the defaults, e.g. "
                         "--env NCCL_SOCKET_IFNAME=ib0)")
     g.add_argument("--no-default-env", action="store_true",
-                   help="do not export the default variables (" + ", ".join(DEFAULT_ENV) + ")")
+                   help="do not export the default variables (" + ", ".join(DEFAULT_ENV) + "; the learner step's "
+                        + ", ".join(DEFAULT_LEARNER_ENV) + ")")
     g.add_argument("--setup", action="append", default=[], metavar="CMD",
                    help="shell line run by the batch script before any step, e.g. 'module load cuda' or "
                         "'source /shared/venv/bin/activate' (repeatable)")
@@ -251,6 +265,7 @@ def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-local-paths", action="store_true",
                    help="allow run_dir / workdir / model / python under node-local paths (/tmp, /dev/shm, ...): "
                         "only right when the login and compute nodes are the same machine")
+    add_memory_check_arguments(g)  # --gpu-memory-gb, --force: the memory plan (megatron_oapl/plan.py)
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -331,6 +346,7 @@ class Plan:
     engines_per_node: int
     num_engines: int
     env: dict[str, str]
+    learner_env: dict[str, str]
     setup: list[str]
     signal: str | None
     requeue: bool | None
@@ -591,6 +607,16 @@ def make_plan(args, cluster: ClusterInfo | None) -> Plan:
             num_engines = fleet_nodes * engines_per_node
     elif fleet_mode == "external":
         errors.append("--fleet-mode=external needs fleet nodes (--fleet-nodes >= 1)")
+    if fleet_mode == "local" and not offline and lg > 0:
+        # The coordinator places its engines after the learners' GPUs (rollout/placement.py): refused here
+        # when the learner node has none left, as the job would refuse it at its start.
+        from megatron_oapl.config import ConfigError
+        from megatron_oapl.rollout.placement import engine_gpu_slices
+
+        try:
+            engine_gpu_slices(cfg.fleet.num_engines, etp, [str(i) for i in range(lg)], ltpn)
+        except ConfigError as err:
+            errors.append(f"--fleet-mode=local with --learner-gpus-per-node={lg}: {err}")
 
     # ---- the cluster
     learner_cpus = (f"--learner-cpus-per-task={learner.cpus_per_task} x {learner.tasks_per_node} rank(s) per "
@@ -683,12 +709,14 @@ def make_plan(args, cluster: ClusterInfo | None) -> Plan:
     env_errors: list[str] = []
     env = {} if args.no_default_env else dict(DEFAULT_ENV)
     env.update(_parse_env(args.env, env_errors))
+    learner_env = {k: v for k, v in ({} if args.no_default_env else DEFAULT_LEARNER_ENV).items() if k not in env}
     errors += env_errors
     signal = None if (args.signal or "").lower() in ("", "none") else args.signal
     if signal and not re.fullmatch(r"(?:[RB]{1,2}:)?(?:SIG)?[A-Z0-9]+(?:@\d+)?", signal):
         errors.append(f"--signal={signal} must look like [B:]SIGNAL[@SECONDS], e.g. B:USR1@120")
     if args.save_by is not None and args.save_by <= 0:
         errors.append(f"--save-by={args.save_by} must be > 0 minutes")
+    launch_memory_check(cfg, args, world, lg, errors, warnings)
     if errors:
         raise LaunchError(errors)
 
@@ -708,7 +736,8 @@ def make_plan(args, cluster: ClusterInfo | None) -> Plan:
     return Plan(
         mode=mode, job_name=args.job_name or f"oapl-{run_dir.name}", workdir=workdir, run_dir=run_dir,
         python=python, learner=learner, fleet=fleet, fleet_mode=fleet_mode,
-        engines_per_node=engines_per_node, num_engines=num_engines, env=env, setup=list(args.setup),
+        engines_per_node=engines_per_node, num_engines=num_engines, env=env, learner_env=learner_env,
+        setup=list(args.setup),
         signal=signal, requeue=args.requeue, max_requeues=args.max_requeues, save_by_minutes=args.save_by,
         master_port=args.master_port, exclusive=args.exclusive, container_mounts=mounts,
         config_yaml=config_yaml,
@@ -732,6 +761,7 @@ def render(plan: Plan) -> str:
     return env.get_template(name).render(
         plan=plan, learner=plan.learner, fleet=plan.fleet, log_dir=plan.log_dir,
         created=datetime.datetime.now().astimezone().isoformat(timespec="seconds"), template=name,
+        learner_binding=" ".join(LEARNER_GPU_BINDING) if plan.learner.gpus_per_node > 0 else "",
     )
 
 

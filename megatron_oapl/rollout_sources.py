@@ -10,7 +10,8 @@ Both answer `next_message(step, version)` with one of
     {"groups": [...]}                       step s's groups, in work-order order
     {"resync": [engine ids], "receivers": n} restarted engines to bring to `version` first (fleet only)
     {"stop": True}                          a stop signal arrived while waiting
-which `train.receive_groups` broadcasts, so the other ranks see the same answer and join the same pushes.
+which the coordinator (train.Coordinator) publishes on the control channel, so the other ranks see the
+same answer and join the same pushes, however long the answer took.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 
 from megatron_oapl import metrics as M
 from megatron_oapl.evaluation import EvalRound
-from megatron_oapl.rollout.dataset import read_groups
+from megatron_oapl.rollout.dataset import RolloutDataset
 from megatron_oapl.rollout.fleet import Fleet, FleetStopped
 from megatron_oapl.rollout.orders import OrderBook, PromptSampler, step_orders
 from megatron_oapl.rollout.types import RolloutGroup
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 
 
 class DatasetRollouts:
-    """Step s trains on lines `step_orders(s)` of an offline dataset (reused in order past its end)."""
+    """Step s trains on orders `step_orders(s)` of an offline dataset (reused in order past its end), read
+    from the file when the step asks for them: no rank holds the whole round."""
 
     pushes = False
     store_port = 0
@@ -39,14 +41,14 @@ class DatasetRollouts:
 
     def __init__(self, cfg, start_step: int = 1, start_position: int = 0):
         self.per_step, self.start_step, self.start_position = cfg.fleet.prompts_per_step, start_step, start_position
-        self.groups = read_groups(cfg.lag.offline_dataset, cfg.fleet)
-        print(f"[oapl] offline round: {len(self.groups)} groups from {cfg.lag.offline_dataset} "
-              f"({len(self.groups) // self.per_step} steps; later steps reuse them in the same order), "
+        self.data = RolloutDataset(cfg.lag.offline_dataset, cfg.fleet)
+        print(f"[oapl] offline round: {len(self.data)} groups from {cfg.lag.offline_dataset} "
+              f"({len(self.data) // self.per_step} steps; later steps reuse them in the same order), "
               "no weight pushes", flush=True)
 
     def next_message(self, step: int | None, version: int) -> dict:
         indices = [] if step is None else step_orders(step, self.per_step, self.start_step, self.start_position)
-        return {"groups": [self.groups[i % len(self.groups)] for i in indices]}
+        return {"groups": [self.data.group(i % len(self.data)) for i in indices]}
 
     def start_eval(self, version: int, step: int) -> None:
         pass  # the generator is frozen: `oapl train`'s before/after report evaluates the trained policy
@@ -88,7 +90,7 @@ class FleetRollouts:
         try:
             if cfg.fleet.external:  # fleet nodes elsewhere find the channels and the weight store here
                 self.fleet.publish((sync.master_addr, self.store.port))
-            self.fleet.wait_ready(list(self.fleet.engines), timeout_s=sync.timeout_s)
+            self.fleet.wait_ready(list(self.fleet.engines), timeout_s=cfg.fleet.start_timeout_s)
         except BaseException:
             self.close()
             raise
@@ -179,6 +181,7 @@ class FleetRollouts:
         refused = {i: r.error for i, r in replies.items() if r.error}
         if refused:
             log.error("engines refused version %d: %s", version, refused)
+        self.fleet.count_refusals(replies)  # an engine that refuses fleet.max_refused_syncs in a row is restarted
         self.buffer.advance(version)
 
     def counters(self) -> dict[str, float]:

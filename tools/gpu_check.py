@@ -6,12 +6,12 @@
     tools/gpu_check.sh --only learner-fp32,train --budget-s 300
     tools/gpu_check.sh --list           # the checks, what each shows, its time cap
 
-The GPU machine needs only Python 3.12 with torch (CUDA), transformers, safetensors, sentencepiece,
-tensorboard, pytest; everything else travels as wheels (`WHEELS`) and is installed with --no-index
---no-deps into runs/gpu-check/site. Each check runs in its own process with a time cap (a hang or an
-out-of-memory costs that check, not the table); the whole run stops starting checks once `--budget-s`
-is spent. The last lines printed are the summary table; it is also written, with every check's full
-output, under --out (default runs/gpu-check/out).
+The GPU machine needs Python 3.12 with torch (CUDA) and the packages of `PREREQUISITES` (checked first: one
+line names what is missing); everything else travels as wheels (`WHEELS`) and is installed with --no-index
+--no-deps into runs/gpu-check/site. The measurements run first. Each check runs in its own process with a time
+cap (a hang or an out-of-memory costs that check, not the table); the whole run stops starting checks once
+`--budget-s` is spent. The last lines printed are the summary table; it is also written, with every check's
+full output, under --out (default runs/gpu-check/out).
 
 Exit codes: 0 every check that ran passed; 1 a check failed; 2 bad arguments; 3 no CUDA GPU here (refused
 before anything is installed or run); 4 not prepared (wheels or tiny model missing: run --prepare here),
@@ -35,6 +35,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PREPARED = ROOT / "runs" / "gpu-check"  # under runs/: ignored by git, carried to the GPU machine
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_GPU, EXIT_NOT_PREPARED = 0, 1, 2, 3, 4
 
+# What the GPU machine's image must already have (import names): a bare image with only torch lacks them
+# (review §5). Checked before anything is installed or run.
+PREREQUISITES = {
+    "yaml": "pyyaml", "numpy": "numpy", "packaging": "packaging", "psutil": "psutil", "tqdm": "tqdm",
+    "jinja2": "jinja2", "pyarrow": "pyarrow", "matplotlib": "matplotlib", "sympy": "sympy", "tabulate": "tabulate",
+    "rich": "rich", "regex": "regex", "huggingface_hub": "huggingface-hub", "tokenizers": "tokenizers",
+    "transformers": "transformers", "safetensors": "safetensors", "sentencepiece": "sentencepiece",
+    "tensorboard": "tensorboard", "six": "six", "pytest": "pytest",
+}
+
 # What the GPU image lacks, at the versions CI tests (Python 3.12 wheels; megatron-core and pyzmq are
 # binary). reasoning-gym's own dependencies are imported eagerly by `import reasoning_gym`.
 WHEELS = {
@@ -56,15 +66,20 @@ class Check:
     shows: str
 
 
+# Measurements first: they are what the check exists to produce, and a spent --budget-s skips the last ones.
 CHECKS = [
+    Check("matmul-peak", 60, "bf16 8192^3 matmul TFLOP/s (the MFU denominator)"),
+    Check("learner-speed", 240, "learner step tokens/s and MFU at ~110M, ~340M, ~1.1B parameters (bf16)"),
+    Check("weight-push", 180, "push of a ~1B-parameter bf16 model to an engine process on the same GPU, GB/s"),
+    Check("engine-placement", 60, "rollout/placement.py with the real device count: engines get GPUs of their "
+                                  "own, a plan over the node's GPUs is refused, a spawned engine sees its slice"),
+    Check("bucket-checksum", 60, "weights.bucket.checksum of a 512 MiB GPU bucket: peak extra GPU memory "
+                                 "(chunked: not a multiple of the bucket), the same value as on the host"),
     Check("gpu-tests", 150, "the `-m gpu` pytest tests (those needing Transformer Engine or vLLM skip)"),
     Check("learner-fp32", 150, "one OAPL step on CUDA = the same step on CPU (fp32); CPU platform layer off"),
     Check("learner-bf16", 150, "the same in bf16, within bf16 tolerances"),
     Check("engine-vs-learner", 120, "light engine on CUDA: its log-probs of its samples = the learner's"),
     Check("train", 300, "`oapl train` tiny default (TP=1) on the one GPU: weight group transport, pass@1 rises"),
-    Check("matmul-peak", 60, "bf16 8192^3 matmul TFLOP/s (the MFU denominator)"),
-    Check("weight-push", 180, "push of a ~1B-parameter bf16 model to an engine process on the same GPU, GB/s"),
-    Check("learner-speed", 240, "learner step tokens/s and MFU at ~110M, ~340M, ~1.1B parameters (bf16)"),
 ]
 BY_NAME = {c.name: c for c in CHECKS}
 
@@ -136,6 +151,17 @@ def gpu_refusal() -> str | None:
         return ("gpu_check: no CUDA GPU here (torch.cuda.is_available() is False); run it on a GPU machine "
                 "after --prepare; nothing was run (exit 3)")
     return None
+
+
+def missing_prerequisites() -> str | None:
+    """One line naming the image's missing packages (pip names), or None."""
+    import importlib.util
+
+    missing = [pip for module, pip in PREREQUISITES.items() if importlib.util.find_spec(module) is None]
+    if not missing:
+        return None
+    return (f"gpu_check: this image lacks {', '.join(missing)}: pip install {' '.join(missing)} "
+            "(see docs/gpu-check.md); nothing was run (exit 4)")
 
 
 def site_dir(prepared: Path) -> Path:
@@ -289,7 +315,7 @@ def drive(args) -> int:
     if refusal:
         print(refusal, file=sys.stderr)
         return EXIT_NO_GPU
-    problem = install_wheels(Path(args.prepared))
+    problem = missing_prerequisites() or install_wheels(Path(args.prepared))
     if problem:
         print(problem, file=sys.stderr)
         return EXIT_NOT_PREPARED
@@ -626,6 +652,57 @@ def _weight_push(args) -> str:
             f"raw broadcast {nbytes / float(full.group(3)) / 1e9:.2f} GB/s, over {transport[0] if transport else '?'}")
 
 
+# ---- engine placement and the push's checksum memory ----
+
+
+def _engine_placement(args) -> str:
+    import torch
+
+    from megatron_oapl.config import ConfigError
+    from megatron_oapl.rollout.placement import engine_gpu_slices, visible_gpus
+
+    gpus = visible_gpus()
+    if not gpus:
+        raise CheckFailed(f"visible_gpus() = {gpus} on a CUDA machine")
+    slices = engine_gpu_slices(len(gpus), 1, gpus)  # one engine per GPU, no learner on the node
+    try:
+        engine_gpu_slices(len(gpus), 1, gpus, learner_ranks=1)
+        raise CheckFailed(f"{len(gpus)} engines + 1 learner rank on {len(gpus)} GPU(s) were not refused")
+    except ConfigError as err:
+        refused = str(err)
+    # The last engine's process, started with its slice, sees exactly that one GPU.
+    code = ("import torch; p = torch.cuda.get_device_properties(0); "
+            "print(torch.cuda.device_count(), getattr(p, 'uuid', p.name))")
+    out = run_logged([sys.executable, "-c", code], 60, {"CUDA_VISIBLE_DEVICES": slices[-1]}).split()
+    props = torch.cuda.get_device_properties(len(gpus) - 1)
+    want = str(getattr(props, "uuid", props.name))
+    if out[0] != "1" or out[-1] != want:
+        raise CheckFailed(f"engine with CUDA_VISIBLE_DEVICES={slices[-1]} saw {out}, want 1 GPU {want}")
+    return f"slices {slices}; engine {len(gpus) - 1} saw only its GPU; refused: {refused[:90]}..."
+
+
+def _bucket_checksum(args) -> str:
+    import torch
+
+    from megatron_oapl.weights import bucket
+
+    nbytes = 512 << 20  # the GPU recipes' fleet.weight_sync.bucket_mb
+    flat = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    sums = bucket.checksum(flat, bucket.SUMS)
+    extra = torch.cuda.max_memory_allocated() - base
+    host = bucket.weighted_sums(flat.cpu(), chunk_words=4 * bucket.CHECKSUM_CHUNK_WORDS)  # other chunking
+    same = "=" if host == sums else "!="
+    measured = f"peak extra {extra / 2**20:.1f} MiB for a {nbytes >> 20} MiB bucket; sums {same} host's"
+    if host != sums:
+        raise CheckFailed(measured + f" ({sums} vs {host})")
+    if extra > nbytes // 8:
+        raise CheckFailed(measured + ": the checksum's temporaries grow with the bucket")
+    return measured
+
+
 WORKERS = {
     "gpu-tests": _gpu_tests,
     "learner-fp32": _learner("fp32"),
@@ -636,6 +713,8 @@ WORKERS = {
     "matmul-peak": _matmul_peak,
     "learner-speed": _learner_speed,
     "weight-push": _weight_push,
+    "engine-placement": _engine_placement,
+    "bucket-checksum": _bucket_checksum,
 }
 
 

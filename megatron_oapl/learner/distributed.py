@@ -1,13 +1,22 @@
-"""Distributed initialisation of the learner ranks (gloo on CPU, NCCL on GPU).
+"""Distributed initialisation of the learner ranks (gloo on CPU, NCCL on GPU), and the control plane.
 
 This is the one place that activates the platform layer: on a machine without a GPU it installs the
 CPU compatibility layer before Megatron-Core touches CUDA.
+
+Two kinds of traffic between learner ranks:
+- collectives (the training step, pushes, checkpoints): every rank arrives within seconds of the others;
+  they time out after `parallel.collective_timeout_s` (a NCCL watchdog then kills the process);
+- the control plane (`ControlChannel`): what rank 0 alone decides after waiting on the fleet for as long
+  as it takes (each step's groups, re-sync orders, sync targets, stop). It never runs on a collective:
+  rank 0 writes to the TCPStore the ranks rendezvoused on, the other ranks poll it.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import pickle
+import time
 from dataclasses import dataclass
 
 import torch
@@ -51,9 +60,11 @@ def resolve_backend(requested: str, device_type: str) -> str:
     return requested
 
 
-def init_distributed(cfg, timeout_s: float = 600.0) -> ParallelContext:
+def init_distributed(cfg) -> ParallelContext:
     """Join the learner world (torchrun-style env: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and
-    build Megatron's TP/PP/DP groups and RNG streams."""
+    build Megatron's TP/PP/DP groups and RNG streams; every collective of these groups times out after
+    parallel.collective_timeout_s."""
+    timeout_s = cfg.parallel.collective_timeout_s
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -70,6 +81,7 @@ def init_distributed(cfg, timeout_s: float = 600.0) -> ParallelContext:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
+        distributed_timeout_minutes=timeout_s / 60,  # Megatron makes a timedelta of it: fractions are fine
     )
     # Same seed on every rank: Megatron derives the per-TP-rank streams from it.
     model_parallel_cuda_manual_seed(cfg.seed)
@@ -92,3 +104,64 @@ def destroy_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+class ControlChannel:
+    """Rank 0 -> the other learner ranks, in order, over a TCPStore: message n is pickled under the key
+    n (in chunks: the store refuses values over 8 MiB), readers poll for it (a short sleep, never a
+    pending collective, so rank 0 may take hours to answer) and the last of them deletes it. The other
+    way, a rank that received a stop signal raises a counter that rank 0 reads (`stop_requested`)."""
+
+    CHUNK = 4 << 20
+    POLL_MAX_S = 0.05  # a waiting reader checks at most this often (backing off from 1 ms)
+
+    def __init__(self, store, readers: int):
+        self.store = dist.PrefixStore("oapl/control/", store)
+        self.readers = readers  # ranks other than 0
+        self.sequence = 0
+        self._stop_sent = False
+
+    @classmethod
+    def of_world(cls) -> "ControlChannel":
+        """On the store of the default process group (hosted by rank 0 or torchrun's agent)."""
+        return cls(dist.distributed_c10d._get_default_store(), dist.get_world_size() - 1)
+
+    def publish(self, message) -> None:
+        """Rank 0: the next message."""
+        self.sequence += 1
+        if not self.readers:
+            return
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        key = str(self.sequence)
+        chunks = range(0, max(len(data), 1), self.CHUNK)
+        for i, start in enumerate(chunks):
+            self.store.set(f"{key}/{i}", data[start:start + self.CHUNK])
+        self.store.set(key, str(len(chunks)))  # last: a reader that sees it finds every chunk
+
+    def receive(self, stop=None):
+        """Another rank: the next message, however long rank 0 takes; meanwhile a stop signal this rank
+        receives (`stop` turns true) is passed on to rank 0."""
+        self.sequence += 1
+        key = str(self.sequence)
+        pause = 0.001
+        while not self.store.check([key]):
+            if stop:
+                self.request_stop()
+            time.sleep(pause)
+            pause = min(pause * 2, self.POLL_MAX_S)
+        chunks = int(self.store.get(key))
+        message = pickle.loads(b"".join(self.store.get(f"{key}/{i}") for i in range(chunks)))
+        if self.store.add(f"{key}/read", 1) == self.readers:  # every reader has it: free the store
+            for name in (key, f"{key}/read", *(f"{key}/{i}" for i in range(chunks))):
+                self.store.delete_key(name)
+        return message
+
+    def request_stop(self) -> None:
+        """Another rank: ask rank 0 to stop the run at the next step boundary (once)."""
+        if not self._stop_sent:
+            self.store.add("stop", 1)
+            self._stop_sent = True
+
+    def stop_requested(self) -> bool:
+        """Rank 0: did another rank ask to stop?"""
+        return self.readers > 0 and self.store.add("stop", 0) > 0

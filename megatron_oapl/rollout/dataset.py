@@ -2,22 +2,39 @@
 JSONL and replayed by the learner for a whole round — OAPL's offline setting, where the generator stays
 fixed for hundreds of optimizer steps. `oapl generate` writes one; a run with lag.mode=offline reads it.
 
-One line per group, line i holding work order i (rollout/orders.py, so step s trains on the same prompts
-an online run would):
-    {"order_index", "policy_version", "temperature", "top_p", "engine_id", "split", "generate_seconds",
-     "prompt": {"prompt_id", "token_ids", "text", "answer", "metadata"},
-     "samples": [{"token_ids", "logprobs", "finish_reason", "text", "reward"}, ...]}
+One line per group, answering one work order (rollout/orders.py, so step s trains on the same prompts an
+online run would); lines may come in any order, each order once, and `order_index` comes first:
+    {"order_index", "prompt": {"prompt_id", "token_ids", "text", "answer", "metadata"},
+     "samples": [{"token_ids", "logprobs", "finish_reason", "text", "reward"}, ...],
+     "policy_version", "temperature", "top_p", "engine_id", "split", "generate_seconds", ...}
 Token ids and the engine's per-token log-probs are stored as sampled, never re-tokenised.
+
+A round can be tens of GB, so nothing holds it whole: `RolloutDataset` indexes the byte offset of each
+order's line (reading only the `order_index` prefix of each line) and parses a line when a step asks for
+it; `oapl generate` appends each group as it arrives and a rerun of the same command samples only the
+orders not on disk yet.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import re
+import time
 from pathlib import Path
 
 from megatron_oapl.rollout.types import Prompt, RolloutGroup, Sample
+
+log = logging.getLogger(__name__)
+
+_ORDER_PREFIX = re.compile(rb'\{"order_index": (\d+)[,}]')
+
+
+def group_line(group: RolloutGroup) -> str:
+    """One dataset line (with its newline), `order_index` first so that an index reads only the prefix."""
+    return json.dumps({"order_index": group.order_index, **dataclasses.asdict(group)}) + "\n"
 
 
 def write_groups(path: str | Path, groups: list[RolloutGroup]) -> Path:
@@ -30,73 +47,235 @@ def write_groups(path: str | Path, groups: list[RolloutGroup]) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     with tmp.open("w") as f:
         for group in groups:
-            f.write(json.dumps(dataclasses.asdict(group)) + "\n")
+            f.write(group_line(group))
     os.replace(tmp, out)
     return out
 
 
+# --------------------------------------------------------------------------------------------------
+# Reading: an index of line offsets, lines parsed on demand
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LineIndex:
+    """Where each order's line starts. `complete_bytes` ends the last line that has its newline; a tail
+    after it (`torn`) is a line cut short by a kill."""
+
+    lines: dict[int, tuple[int, int]]  # order -> (byte offset, line number)
+    complete_bytes: int
+    torn: bool
+
+
+def index_lines(path: Path) -> LineIndex:
+    """Scan `path` once, keeping each line's offset under its order (from the line's prefix; lines written
+    before the prefix came first are json-parsed for it). Two lines for one order are an error."""
+    lines: dict[int, tuple[int, int]] = {}
+    offset, line_no = 0, 0
+    with path.open("rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                return LineIndex(lines, offset, torn=True)
+            line_no += 1
+            order = _order_of(line, f"{path}:{line_no}")
+            if order in lines:
+                raise ValueError(f"{path}:{line_no}: order {order} is also on line {lines[order][1]}: "
+                                 "each order must appear once")
+            lines[order] = (offset, line_no)
+            offset += len(line)
+    return LineIndex(lines, offset, torn=False)
+
+
+def _order_of(line: bytes, where: str) -> int:
+    match = _ORDER_PREFIX.match(line)
+    if match:
+        return int(match.group(1))
+    try:
+        return int(json.loads(line)["order_index"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{where}: not a rollout group ({err})") from err
+
+
+def parse_group(line: bytes | str, where: str, fleet_cfg, order: int | None = None) -> RolloutGroup:
+    """One line as a group, checked against the run's sampling settings (`fleet_cfg`): the learner computes
+    log-probs at fleet.temperature and OAPL's V_hat needs groups of fleet.group_size."""
+    try:
+        raw = json.loads(line)
+        samples = [Sample(**s) for s in raw.pop("samples")]
+        group = RolloutGroup(prompt=Prompt(**raw.pop("prompt")), samples=samples, **raw)
+    except (json.JSONDecodeError, TypeError, KeyError) as err:
+        raise ValueError(f"{where}: not a rollout group ({err})") from err
+    expected = {"temperature": fleet_cfg.temperature, "top_p": fleet_cfg.top_p, "group size": fleet_cfg.group_size}
+    found = {"temperature": group.temperature, "top_p": group.top_p, "group size": len(group.samples)}
+    if order is not None:
+        expected["order_index"], found["order_index"] = order, group.order_index
+    for key, want in expected.items():
+        if found[key] != want:
+            field = "the line's place in the index" if key == "order_index" else f"fleet.{key.replace(' ', '_')}"
+            raise ValueError(f"{where}: {key} {found[key]} != {want} ({field}): the dataset was not "
+                             "sampled with this run's settings")
+    return group
+
+
+class RolloutDataset:
+    """An offline dataset, streamed: `group(i)` reads and checks the line of order i. Opening it indexes the
+    file (orders 0..n-1, each once, no torn last line) and checks its first line against the run's
+    sampling settings; every other line is checked when it is read."""
+
+    def __init__(self, path: str | Path, fleet_cfg):
+        self.path, self.fleet_cfg = Path(path), fleet_cfg
+        if not self.path.is_file():
+            raise FileNotFoundError(f"lag.offline_dataset={str(self.path)!r} does not exist (write one with "
+                                    "`oapl generate`)")
+        index = index_lines(self.path)
+        if index.torn:
+            raise ValueError(f"{self.path}: the last line is incomplete (an interrupted `oapl generate`: run the "
+                             "same command again to finish the dataset)")
+        if not index.lines:
+            raise ValueError(f"lag.offline_dataset={str(self.path)!r} holds no groups")
+        missing = sorted(set(range(len(index.lines))) - set(index.lines))
+        if missing:
+            raise ValueError(f"{self.path}: orders {_ranges(missing)} are missing (it holds {len(index.lines)} "
+                             "lines; an unfinished `oapl generate`: run the same command again)")
+        self._lines = index.lines
+        first = min(self._lines.values(), key=lambda offset_line: offset_line[1])
+        self._read(first[0], first[1], order=None)  # the header check: settings of the whole file
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def group(self, order: int) -> RolloutGroup:
+        offset, line_no = self._lines[order]
+        return self._read(offset, line_no, order)
+
+    def _read(self, offset: int, line_no: int, order: int | None) -> RolloutGroup:
+        with self.path.open("rb") as f:
+            f.seek(offset)
+            line = f.readline()
+        return parse_group(line, f"{self.path}:{line_no}", self.fleet_cfg, order)
+
+
 def read_groups(path: str | Path, fleet_cfg) -> list[RolloutGroup]:
-    """The groups of an offline dataset, checked against the run's sampling settings (`fleet_cfg`): the
-    learner computes log-probs at fleet.temperature and OAPL's V_hat needs groups of fleet.group_size."""
-    path = Path(path)
+    """Every group of a (small) offline dataset, by order."""
+    data = RolloutDataset(path, fleet_cfg)
+    return [data.group(i) for i in range(len(data))]
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5' (at most 5 runs, then '...')."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    text = [f"{a}-{b}" if b > a else str(a) for a, b in runs[:5]]
+    return ", ".join(text) + (", ..." if len(runs) > 5 else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing: `oapl generate`
+# --------------------------------------------------------------------------------------------------
+
+
+class GroupAppender:
+    """Appends one line per group as it arrives (a kill loses at most the line being written, and the
+    operating system keeps what was written); fsyncs every `every_groups` groups or `every_s` seconds so
+    that a node crash loses little."""
+
+    def __init__(self, path: Path, every_groups: int = 64, every_s: float = 30.0):
+        self.file = path.open("ab")
+        self.every_groups, self.every_s = every_groups, every_s
+        self.unsynced, self.synced_at = 0, time.monotonic()
+
+    def append(self, group: RolloutGroup) -> None:
+        self.file.write(group_line(group).encode())  # one write per line: a kill tears at most the last
+        self.file.flush()
+        self.unsynced += 1
+        if self.unsynced >= self.every_groups or time.monotonic() - self.synced_at >= self.every_s:
+            self.sync()
+
+    def sync(self) -> None:
+        os.fsync(self.file.fileno())
+        self.unsynced, self.synced_at = 0, time.monotonic()
+
+    def close(self) -> None:
+        self.sync()
+        self.file.close()
+
+
+def orders_on_disk(path: Path, fleet_cfg) -> set[int]:
+    """The orders an earlier `oapl generate` already wrote to `path` (none if it does not exist). A torn last
+    line (a kill during its write) is cut off; a file sampled with other settings is refused."""
     if not path.is_file():
-        raise FileNotFoundError(f"lag.offline_dataset={str(path)!r} does not exist (write one with `oapl generate`)")
-    groups = []
-    with path.open() as f:
-        for line_no, line in enumerate(f, start=1):
-            where = f"{path}:{line_no}"
-            try:
-                raw = json.loads(line)
-                samples = [Sample(**s) for s in raw.pop("samples")]
-                group = RolloutGroup(prompt=Prompt(**raw.pop("prompt")), samples=samples, **raw)
-            except (json.JSONDecodeError, TypeError, KeyError) as err:
-                raise ValueError(f"{where}: not a rollout group ({err})") from err
-            expected = {"order_index": line_no - 1, "temperature": fleet_cfg.temperature, "top_p": fleet_cfg.top_p,
-                        "group size": fleet_cfg.group_size}
-            found = {"order_index": group.order_index, "temperature": group.temperature, "top_p": group.top_p,
-                     "group size": len(group.samples)}
-            for key, want in expected.items():
-                if found[key] != want:
-                    field = "line number - 1" if key == "order_index" else f"fleet.{key.replace(' ', '_')}"
-                    raise ValueError(f"{where}: {key} {found[key]} != {want} ({field}): the dataset was not "
-                                     "sampled with this run's settings")
-            groups.append(group)
-    if not groups:
-        raise ValueError(f"lag.offline_dataset={str(path)!r} holds no groups")
-    return groups
+        return set()
+    index = index_lines(path)
+    if index.torn:
+        log.warning("%s: dropping the incomplete last line (the previous run was killed while writing it)", path)
+        with path.open("r+b") as f:
+            f.truncate(index.complete_bytes)
+    if index.lines:
+        offset, line_no = min(index.lines.values(), key=lambda offset_line: offset_line[1])
+        with path.open("rb") as f:
+            f.seek(offset)
+            parse_group(f.readline(), f"{path}:{line_no}", fleet_cfg)
+    return set(index.lines)
 
 
 def generate(cfg, cfg_dict: dict, out: str | Path, steps: int, progress: bool = True) -> Path:
-    """Sample the work orders of steps 1..`steps` with the fleet on model.hf_path (version 0) and write them.
-    A dead engine is restarted and its open orders are dealt again, as in training; no weights are pushed."""
+    """Sample the work orders of steps 1..`steps` with the fleet on model.hf_path (version 0), appending each
+    group to `out` as it arrives. Orders already in `out` (an interrupted run of the same command) are not
+    sampled again. A dead engine is restarted and its open orders are dealt again, as in training; no
+    weights are pushed."""
     from megatron_oapl.data.prompts import load_prompts
     from megatron_oapl.rollout.fleet import Fleet
     from megatron_oapl.rollout.orders import OrderBook, PromptSampler
 
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    wanted = steps * cfg.fleet.prompts_per_step
+    done = {i for i in orders_on_disk(out, cfg.fleet) if i < wanted}
+    if done:
+        print(f"[oapl] {out} already holds {len(done)} of the {wanted} groups: sampling the other "
+              f"{wanted - len(done)}", flush=True)
+    if len(done) == wanted:
+        return out
+    sampler = PromptSampler(len(load_prompts(cfg.data, "train")), cfg.data.seed)
+    book = OrderBook(sampler, cfg.seed, cfg.fleet.prompts_per_step, sync_every=steps)
+    book.plan_round(1, version=0)  # one round: every order of the dataset
+    for index in done:
+        book.delivered(("train", index))  # on disk already: never dealt
     fleet = Fleet(cfg, cfg_dict, cfg.model.hf_path)
+    appender = None
     try:
-        fleet.wait_ready(list(fleet.engines), timeout_s=cfg.fleet.weight_sync.timeout_s)
-        sampler = PromptSampler(len(load_prompts(cfg.data, "train")), cfg.data.seed)
-        book = OrderBook(sampler, cfg.seed, cfg.fleet.prompts_per_step, sync_every=steps)
-        book.plan_round(1, version=0)  # one round: every order of the dataset
-        wanted = steps * cfg.fleet.prompts_per_step
-        groups: dict[int, RolloutGroup] = {}
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=wanted, desc="generate", unit="group")
-        while len(groups) < wanted:
-            stale, arrived = fleet.serve(book, version=0)
-            if stale:  # every engine, a restarted one too, holds the initial weights
-                raise RuntimeError(f"engines {stale} hold a version other than 0 while generating")
-            for group in arrived:
-                if book.delivered(("train", group.order_index)):
-                    groups[group.order_index] = group
-                    if bar:
-                        bar.update(1)
-        if bar:
-            bar.close()
-        return write_groups(out, [groups[i] for i in range(wanted)])
+        fleet.wait_ready(list(fleet.engines), timeout_s=cfg.fleet.start_timeout_s)
+        appender = GroupAppender(out)
+        _serve_all(fleet, book, appender, _bar(progress, wanted, len(done)))
     finally:
+        if appender:
+            appender.close()
         fleet.close()
+    return out
+
+
+def _serve_all(fleet, book, appender: GroupAppender, bar) -> None:
+    """Deal every open order of `book` and append each group as it arrives."""
+    while book.open:
+        stale, arrived = fleet.serve(book, version=0)
+        if stale:  # every engine, a restarted one too, holds the initial weights
+            raise RuntimeError(f"engines {stale} hold a version other than 0 while generating")
+        for group in arrived:
+            if book.delivered(("train", group.order_index)):
+                appender.append(group)
+                if bar:
+                    bar.update(1)
+    if bar:
+        bar.close()
+
+
+def _bar(progress: bool, total: int, initial: int):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="generate", unit="group")

@@ -12,8 +12,9 @@ reward holds one pool worker until its timeout, and a full rollout channel only 
 `fleet.reproducible=true` submits one order at a time (the engine then batches only that group's
 samples), so a group's tokens depend only on its prompt, its seed and the weights: a step's groups are
 bit-identical whatever the engine timing, restarts or fleet size. Off (the default), orders share the
-engine's batches: every order is still answered exactly once with its own prompt and seed, but its
-logits, and so possibly its tokens, depend on what it was batched with.
+engine's batches: every order is still answered exactly once with its own prompt, but its logits, and so
+possibly its tokens, depend on what it was batched with; vLLM requests then carry no seed (vLLM samples
+seeded rows one by one, a Python loop per decode step; the light engine keeps its cheap per-order seeds).
 """
 
 from __future__ import annotations
@@ -32,6 +33,19 @@ from megatron_oapl.rollout.orders import Order
 from megatron_oapl.rollout.types import Prompt, RolloutGroup, Sample, SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+def seeds_requests(cfg) -> bool:
+    """Whether an order's request carries the order's seed. vLLM samples seeded rows one by one in Python
+    (review P1), and without fleet.reproducible its batching breaks bit-identity anyway: seeded only when
+    reproducible. The light engine always seeds: its per-order generators cost nothing and its request
+    stream batches groups by seed."""
+    return cfg.fleet.reproducible or cfg.fleet.engine != "vllm"
+
+
+def request_params(base: SamplingParams, seed: int, seeded: bool) -> SamplingParams:
+    """The sampling parameters of one order: `base` with the order's seed, or none (`seeds_requests`)."""
+    return replace(base, seed=seed if seeded else None)
 
 
 def build_engine(cfg, model_dir: str, engine_id: int):
@@ -102,6 +116,7 @@ class EngineWorker:
             "eval": SamplingParams(n=cfg.eval.num_samples, temperature=cfg.eval.temperature, top_p=fleet.top_p,
                                    max_new_tokens=fleet.max_new_tokens, stop_token_ids=stops),
         }
+        self.seeded = seeds_requests(cfg)
         self.rewards = RewardPool(cfg.rewards, cfg.rewards.num_workers)
         self.pending: list[Order] = []  # dealt, not yet submitted to the engine
         # Submitted, not yet sent, by submission number: an order key can come back (eval prompt i at every
@@ -151,7 +166,7 @@ class EngineWorker:
     def _submit(self) -> None:
         while self.pending:
             order = self.pending[0]
-            params = replace(self.params[order.split], seed=order.seed)
+            params = request_params(self.params[order.split], order.seed, self.seeded)
             in_flight = self.engine.in_flight()
             # One group at a time when reproducible; else whole groups up to fleet.max_in_flight sequences.
             if in_flight and (self.cfg.fleet.reproducible or in_flight + params.n > self.cfg.fleet.max_in_flight):

@@ -12,10 +12,16 @@ An engine process that dies is restarted (up to `fleet.max_restarts` times each)
 weights at version 0; its open orders go to the pool again, and the coordinator re-syncs it to the current
 version before it gets new orders (groups of an old version are dropped and counted by the buffer, never
 mixed).
+
+Placement (rollout/placement.py): local engine i starts with its own CUDA_VISIBLE_DEVICES slice of
+fleet.engine_tensor_parallel_size GPUs after the GPUs of this node's learner ranks, and with VLLM_CACHE_ROOT
+= fleet.compile_cache_dir (default RUN_DIR/vllm_cache); a plan that needs more GPUs than the node shows is
+refused before anything starts. Start-up and restart waits use fleet.start_timeout_s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -30,20 +36,38 @@ import zmq
 from megatron_oapl.rollout.engine_worker import engine_main
 from megatron_oapl.rollout.messages import Deal, Died, Hello, Stop, Sync, Synced
 from megatron_oapl.rollout.orders import Order, OrderBook
+from megatron_oapl.rollout.placement import engine_environments, learner_ranks_on_node
 from megatron_oapl.rollout.types import RolloutGroup
 
 log = logging.getLogger(__name__)
 
 
 def spawn_engine(mp_ctx, engine_id: int, generation: int, cfg_dict: dict, model_dir: str, rollout_addr: str,
-                 control_addr: str, daemon: bool = False) -> mp.Process:
-    """Start `engine_main` in a spawned process (used by the coordinator's local fleet and by fleet_node)."""
+                 control_addr: str, daemon: bool = False, env: dict[str, str] | None = None) -> mp.Process:
+    """Start `engine_main` in a spawned process (used by the coordinator's local fleet and by fleet_node)
+    with `env` (rollout/placement.py: its GPUs, the compile cache) on top of this process's environment."""
     proc = mp_ctx.Process(
         target=engine_main, name=f"oapl-engine-{engine_id}", daemon=daemon,
         args=(engine_id, generation, cfg_dict, model_dir, rollout_addr, control_addr),
     )
-    proc.start()
+    with _environment(env or {}):  # a spawned child takes the environment as it is at start()
+        proc.start()
     return proc
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]):
+    """`env` set in os.environ for the duration, the previous values restored after."""
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def restart_refusal(cfg, engine_id: int, restarts: int, exitcode: int | None) -> str | None:
@@ -63,6 +87,8 @@ class EngineProcess:
     weight_ranks: int = 1  # ranks it takes in a weight group (from its hello)
     restarts: int = 0
     alive: bool = True  # external engines: False once their fleet node reports them dead
+    refused_syncs: int = 0  # weight pushes refused in a row (fleet.max_refused_syncs)
+    killed_for: str | None = None  # why the coordinator killed it (said again if it may not restart)
 
     def is_alive(self) -> bool:
         return self.process.is_alive() if self.process is not None else self.alive
@@ -83,6 +109,10 @@ class Fleet:
     def __init__(self, cfg, cfg_dict: dict, model_dir: str, host: str = "127.0.0.1"):
         self.cfg, self.cfg_dict, self.model_dir = cfg, cfg_dict, model_dir
         self.external = cfg.fleet.external
+        # Local engines' GPUs, after the learners' on this node: a plan that does not fit is refused here,
+        # before any socket or engine exists. External engines are placed by their fleet node.
+        self.engine_env = [] if self.external else engine_environments(cfg, cfg.fleet.num_engines,
+                                                                          learner_ranks_on_node())
         bind, advertise = ("*", cfg.fleet.weight_sync.master_addr) if self.external else (host, host)
         self.zctx = zmq.Context()
         self.rollouts = self.zctx.socket(zmq.PULL)
@@ -125,7 +155,8 @@ class Fleet:
         # Daemonic, so it ends with this process; except a TP engine, whose vLLM starts worker processes (a
         # daemonic process may not have children): that one still dies with us through die_with_parent.
         proc = spawn_engine(self._mp, engine_id, generation, self.cfg_dict, self.model_dir, self.rollout_addr,
-                            self.control_addr, daemon=self.cfg.fleet.engine_tensor_parallel_size == 1)
+                            self.control_addr, daemon=self.cfg.fleet.engine_tensor_parallel_size == 1,
+                            env=self.engine_env[engine_id])
         return EngineProcess(engine_id, proc, generation)
 
     def _send(self, engine_id: int, msg: dict) -> None:
@@ -172,7 +203,8 @@ class Fleet:
                 continue
             refusal = restart_refusal(self.cfg, engine_id, handle.restarts, handle.process.exitcode)
             if refusal:
-                raise RuntimeError(refusal)
+                raise RuntimeError(refusal + (f"; it was killed because it {handle.killed_for}"
+                                              if handle.killed_for else ""))
             log.warning("engine %d died (exit code %s); restarting", engine_id, handle.process.exitcode)
             new = self._start(engine_id, handle.generation + 1)
             new.restarts = handle.restarts + 1
@@ -181,16 +213,19 @@ class Fleet:
             restarted.append(engine_id)
         return restarted
 
-    def wait_ready(self, engine_ids, timeout_s: float = 300.0) -> None:
+    def wait_ready(self, engine_ids, timeout_s: float | None = None) -> None:
         """Block until the given engines said hello (they are then ready to join a weight group); one that
         dies while starting is restarted like any other (within fleet.max_restarts). Raises `FleetStopped`
-        once `should_stop()` is true (a large engine can take minutes to start)."""
+        once `should_stop()` is true (a large engine can take minutes to start). Default timeout:
+        fleet.start_timeout_s (a cold vLLM start compiles for minutes)."""
+        timeout_s = self.cfg.fleet.start_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
         while any(self.engines[i].version < 0 for i in engine_ids):
             if self.should_stop():
                 raise FleetStopped(f"stop requested while engines {list(engine_ids)} were starting")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"engines {list(engine_ids)} did not start within {timeout_s:.0f} s")
+                raise TimeoutError(f"engines {list(engine_ids)} did not start within {timeout_s:.0f} s "
+                                   "(fleet.start_timeout_s)")
             self.restart_dead()
             self._read_control(200)
 
@@ -249,6 +284,30 @@ class Fleet:
                 self.engines[engine_id].version = version
         return replies
 
+    def count_refusals(self, replies: dict[int, Synced]) -> list[int]:
+        """Count each engine's refused pushes in a row (an accepted one resets it). An engine that refused
+        fleet.max_refused_syncs in a row is treated as dead: a re-sync would only fail again (an engine that
+        runs out of memory on every push), so it is killed here and `restart_dead` restarts it within
+        fleet.max_restarts, then fails the run with a clear error. Returns the engines killed."""
+        killed = []
+        for engine_id, msg in replies.items():
+            handle = self.engines[engine_id]
+            handle.refused_syncs = handle.refused_syncs + 1 if msg.error else 0
+            if handle.refused_syncs >= self.cfg.fleet.max_refused_syncs:
+                self._kill_refusing(handle, msg.error)
+                killed.append(engine_id)
+        return killed
+
+    def _kill_refusing(self, handle: EngineProcess, error: str) -> None:
+        why = (f"refused {handle.refused_syncs} weight pushes in a row (fleet.max_refused_syncs="
+               f"{self.cfg.fleet.max_refused_syncs}), the last with: {error}")
+        if handle.process is None:  # its fleet node restarts crashes only; a refusal is no crash there
+            raise RuntimeError(f"engine {handle.engine_id} (external) {why}")
+        log.error("engine %d %s: killing it (it is restarted like a crashed engine)", handle.engine_id, why)
+        handle.killed_for, handle.version = why, -1
+        handle.process.kill()
+        handle.process.join()
+
     def serve(self, book: OrderBook, version: int, timeout_ms: int = 100) -> tuple[list[int], list[RolloutGroup]]:
         """One turn of dealing: restart dead engines (their open orders go back to the pool), deal open
         orders to the live engines that hold `version`, collect the groups that arrived. Returns (engines
@@ -258,7 +317,7 @@ class Fleet:
             if engine_id in restarted or not handle.is_alive():
                 book.release(engine_id)  # its open orders are dealt again
         if restarted:
-            self.wait_ready(restarted, self.cfg.fleet.weight_sync.timeout_s)
+            self.wait_ready(restarted)  # fleet.start_timeout_s: a restart compiles like a start
         stale = [i for i, h in self.engines.items() if 0 <= h.version != version]
         if stale:
             return stale, []

@@ -6,13 +6,16 @@ coordinator of the run, restarts those that crash, and exits when the coordinato
 
 Node P (default: SLURM_PROCID, else 0) owns the global engine ids P*N ... P*N+N-1 (those below
 fleet.num_engines); local engine i sees GPUs i*T ... i*T+T-1 of the node (T =
-fleet.engine_tensor_parallel_size) through CUDA_VISIBLE_DEVICES. The node waits for the coordinator's
-`coordinator.json` (up to fleet.weight_sync.timeout_s; under SLURM it must carry this job's id and restart
+fleet.engine_tensor_parallel_size) through CUDA_VISIBLE_DEVICES (rollout/placement.py; a node with fewer
+than N*T GPUs exits 1 before starting anything), and VLLM_CACHE_ROOT = fleet.compile_cache_dir (default
+RUN_DIR/vllm_cache). The node waits for the coordinator's
+`coordinator.json` (up to fleet.start_timeout_s; under SLURM it must carry this job's id and restart
 count, so a stale file from an earlier run is never used), then starts its engines, which say hello to
 the coordinator themselves. A crashed engine is reported to the coordinator (`died`, so a weight push in
 flight aborts at once) and restarted with the next generation, at most fleet.max_restarts times; the
 coordinator re-syncs it and deals it new orders. Exit codes: 0 once every engine was told to stop (or on
-SIGTERM, after stopping them), 1 when an engine exceeds its restarts or the coordinator never appears.
+SIGTERM, after stopping them), 1 when an engine exceeds its restarts, the coordinator never appears or
+the node has too few GPUs for its engines.
 SIGUSR1 is ignored: only the learners checkpoint.
 """
 
@@ -32,6 +35,7 @@ import zmq
 
 from megatron_oapl.rollout.fleet import COORDINATOR_FILE, restart_refusal, spawn_engine
 from megatron_oapl.rollout.messages import Died
+from megatron_oapl.rollout.placement import engine_environments
 
 log = logging.getLogger("oapl.fleet_node")
 
@@ -47,7 +51,7 @@ def wait_for_coordinator(path: Path, timeout_s: float) -> dict:
                 return info
         time.sleep(0.5)
     raise TimeoutError(f"no {path} for SLURM job {job_id} restart {restart} within {timeout_s:.0f} s "
-                       "(fleet.weight_sync.timeout_s): did the learners start?")
+                       "(fleet.start_timeout_s): did the learners start?")
 
 
 def local_engine_ids(node_index: int, engines_per_node: int, num_engines: int) -> list[int]:
@@ -55,25 +59,18 @@ def local_engine_ids(node_index: int, engines_per_node: int, num_engines: int) -
     return [e for e in range(first, first + engines_per_node) if e < num_engines]
 
 
-def engine_gpus(local: int, tp: int) -> str | None:
-    """CUDA_VISIBLE_DEVICES of local engine `local` (None on a node without GPUs)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-        visible = ",".join(str(i) for i in range(torch.cuda.device_count()))
-    ids = visible.split(",")
-    if (local + 1) * tp > len(ids):
-        raise ValueError(f"engine {local} of this node needs GPUs {local * tp}..{(local + 1) * tp - 1} "
-                         f"(fleet.engine_tensor_parallel_size={tp}) but only {len(ids)} are visible")
-    return ",".join(ids[local * tp:(local + 1) * tp])
+def node_engine_environments(cfg, engines: int) -> list[dict[str, str]]:
+    """Each local engine's environment: the node's GPUs dealt engine_tensor_parallel_size at a time (no
+    learner here), the run's compile cache; ConfigError when the node has too few GPUs."""
+    return engine_environments(cfg, engines, learner_ranks=0, engines_field="--engines")
 
 
 class FleetNode:
-    def __init__(self, cfg, cfg_dict: dict, info: dict, engine_ids: list[int]):
+    def __init__(self, cfg, cfg_dict: dict, info: dict, engine_ids: list[int],
+                 engine_env: list[dict[str, str]] | None = None):
         self.cfg, self.cfg_dict, self.info = cfg, cfg_dict, info
+        # Local engine i's GPUs and compile cache (rollout/placement.py; main computes them before waiting).
+        self.engine_env = engine_env if engine_env is not None else node_engine_environments(cfg, len(engine_ids))
         self.zctx = zmq.Context()
         # Its own DEALER on the control channel: reports engine deaths as soon as they happen.
         self.control = self.zctx.socket(zmq.DEALER)
@@ -88,18 +85,8 @@ class FleetNode:
             self._start(engine_id, local)
 
     def _start(self, engine_id: int, local: int) -> None:
-        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-        gpus = engine_gpus(local, self.cfg.fleet.engine_tensor_parallel_size)
-        if gpus is not None:
-            os.environ["CUDA_VISIBLE_DEVICES"] = gpus
-        try:  # a spawned child takes the environment as it is at start()
-            proc = spawn_engine(self._mp, engine_id, self.generation[engine_id], self.cfg_dict,
-                                self.cfg.model.hf_path, self.info["rollout_addr"], self.info["control_addr"])
-        finally:
-            if saved is None:
-                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = saved
+        proc = spawn_engine(self._mp, engine_id, self.generation[engine_id], self.cfg_dict, self.cfg.model.hf_path,
+                            self.info["rollout_addr"], self.info["control_addr"], env=self.engine_env[local])
         self.procs[engine_id] = proc
         print(f"[fleet] engine {engine_id} generation {self.generation[engine_id]} started (pid {proc.pid})",
               flush=True)
@@ -137,7 +124,7 @@ class FleetNode:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_oapl.config import load_config, to_dict
+    from megatron_oapl.config import ConfigError, load_config, to_dict
     from megatron_oapl.log_setup import setup_logging
     from megatron_oapl.models.hf_config import resolve_model
 
@@ -164,9 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    try:  # refused before waiting or starting anything
+        engine_env = node_engine_environments(cfg, len(engine_ids))
+    except ConfigError as err:
+        print(f"[fleet] {err}", file=sys.stderr, flush=True)
+        return 1
     path = Path(args.coordinator_file or Path(cfg.run_dir) / COORDINATOR_FILE)
     try:
-        info = wait_for_coordinator(path, cfg.fleet.weight_sync.timeout_s)
+        info = wait_for_coordinator(path, cfg.fleet.start_timeout_s)
     except TimeoutError as err:
         print(f"[fleet] {err}", file=sys.stderr, flush=True)
         return 1
@@ -174,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"[fleet] node {os.environ.get('SLURMD_NODENAME', socket.gethostname())} (index {args.node_index}): "
           f"engines {engine_ids} for the coordinator at {info['control_addr']}", flush=True)
-    node = FleetNode(cfg, to_dict(cfg), info, engine_ids)
+    node = FleetNode(cfg, to_dict(cfg), info, engine_ids, engine_env)
     try:
         while not stopping:
             code = node.step()

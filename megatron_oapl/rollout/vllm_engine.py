@@ -47,6 +47,11 @@ process's RSS>`, which failed here for small fractions; this engine instead pass
 model's config.json, at most `gpu_memory_utilization` of the machine's memory), which also skips vLLM's CPU
 warm-up pass. vLLM's own `VLLM_CPU_KVCACHE_SPACE` (GiB) still overrides it.
 
+At start the engine logs its KV cache capacity (vLLM's blocks x block size) as full-length sequences
+against `fleet.max_in_flight` (vLLM's `max_num_seqs`): sequences beyond the cache are preempted and
+recomputed. Per-request seeds (`SamplingParams.seed`) are passed as given; the fleet sets them only with
+`fleet.reproducible` (vLLM samples seeded rows one by one; see engine_worker.request_params).
+
 `vllm` is imported lazily: importing this module works without vLLM installed.
 """
 
@@ -72,6 +77,17 @@ log = logging.getLogger(__name__)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 _CPU_KV_SEQS = 256  # sequences of max_model_len tokens the explicit CPU KV cache holds
 _CPU_KV_MIN_BYTES = 64 << 20
+
+
+def kv_capacity_line(kv_tokens: int, max_model_len: int, max_in_flight: int) -> str:
+    """The start-up line that says whether fleet.max_in_flight fits the KV cache (review P2): sequences in
+    flight beyond what the cache holds are preempted and recomputed."""
+    full = kv_tokens // max_model_len
+    line = (f"vLLM KV cache: {kv_tokens:,} tokens = {full} sequences of max_model_len={max_model_len:,} tokens "
+            f"(fleet.max_in_flight={max_in_flight}")
+    if max_in_flight > full:
+        line += f": fits at a mean of {kv_tokens // max_in_flight:,} tokens per sequence, else vLLM preempts"
+    return line + ")"
 
 
 def _tokens_prompt(token_ids: list[int]):
@@ -190,6 +206,13 @@ class VLLMEngine(Engine):
         from vllm import LLM
 
         self.llm = LLM(**kwargs)
+        log.info(kv_capacity_line(self.kv_cache_tokens(), max_model_len, int(cfg.fleet.max_in_flight)))
+
+    def kv_cache_tokens(self) -> int:
+        """Tokens the engine's KV cache holds (blocks x block size, as vLLM sized it at start; on CPU the
+        CPU KV cache)."""
+        cache = self.llm.llm_engine.vllm_config.cache_config
+        return int(cache.num_gpu_blocks or 0) * int(cache.block_size)
 
     # --------------------------------------------------------------------------------------------- generate
 

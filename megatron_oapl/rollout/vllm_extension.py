@@ -9,8 +9,8 @@ the one that owns `LLM`; on CPU at TP = 1 `VLLMEngine` runs the single worker in
 One sync is two RPCs, so that it is all-or-nothing across the engine's tensor-parallel workers:
 1. `oapl_receive_weights(rendezvous, first_rank, version)`, on every worker at once: the worker of TP rank t
    joins every pipeline stage's weight group as rank `first_rank + t` (an engine holds `tensor_parallel_size`
-   consecutive ranks of the group: each worker receives the FULL HF tensors), receives with
-   `receive_all_stages` (checksums, versions and bucket counts verified; `WeightSyncError` before anything
+   consecutive ranks of the group: each worker receives the FULL HF tensors, one bucket at a time on its
+   GPU, staged in pinned host memory), receives with `receive_all_stages` (checksums, versions and bucket counts verified; `WeightSyncError` before anything
    is returned if a stage is corrupt or partial), and checks the stream against the HF checkpoint the engine
    was started from (every name known, shapes equal, no repeats, every checkpoint tensor present) -- vLLM's
    loader would otherwise silently keep the old values of a layer that received nothing
@@ -67,7 +67,8 @@ def check_stream(
 ) -> str | None:
     """The first problem of a full weight stream against the checkpoint index, or None if it is complete.
 
-    With tied embeddings an HF checkpoint has no `lm_head.weight`; a stream may still carry it (vLLM skips it).
+    With tied embeddings `lm_head.weight` is the embedding: a stream may carry it or not (the learner never
+    streams it), whether or not the checkpoint lists it (some tied checkpoints do; vLLM skips it either way).
     """
     seen: set[str] = set()
     for name, tensor in named_tensors:
@@ -80,7 +81,7 @@ def check_stream(
             return f"unknown parameter name {name!r} (not in the engine's checkpoint)"
         if tuple(tensor.shape) != index[name]:
             return f"{name!r} has shape {tuple(tensor.shape)}, the engine's checkpoint has {index[name]}"
-    missing = sorted(set(index) - seen)
+    missing = sorted(set(index) - seen - ({"lm_head.weight"} if tied_embeddings else set()))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         return f"{missing[0]!r}{more} missing from the stream"
@@ -144,8 +145,12 @@ class WeightSyncExtension:
             initialize_layerwise_reload,
         )
 
+        from vllm.config import set_current_vllm_config
+
         model = self._oapl_model()
-        with torch.no_grad():
+        # As vLLM's own weight updater (Worker.start/finish_weight_update): reload code reads the current vLLM
+        # config, and materialises each layer on the current device (the worker's, not cuda:0).
+        with set_current_vllm_config(self.vllm_config), torch.device(self.device), torch.no_grad():
             initialize_layerwise_reload(model)
             model.load_weights(tensors)
             finalize_layerwise_reload(model, self.model_config)
@@ -186,7 +191,7 @@ class WeightSyncExtension:
             tensors = receive_all_stages(rdvs, group_rank, version, stats)
         except WeightSyncError as err:
             result["error"] = str(err)
-        except Exception as err:  # e.g. a rendezvous / collective timeout: still nothing applied
+        except Exception as err:  # e.g. out of memory (the group was aborted for every member): nothing applied
             result["error"] = f"weight push of version {version} not received: {type(err).__name__}: {err}"
         result["seconds"] = dict(stats.seconds)
         result["bytes"] = stats.bytes

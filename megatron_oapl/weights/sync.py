@@ -38,11 +38,12 @@ class WeightPusher:
         if self.ctx.dp_rank != 0:
             return None
         stats, start = SyncStats(), time.perf_counter()
-        tensors = [(name, t.detach().to("cpu", copy=True)) for name, t in iter_hf_tensors(model_chunks, self.mapping)]
-        stats.add("gather", time.perf_counter() - start)
-        if not is_stage_sender(self.ctx):
+        if not is_stage_sender(self.ctx):  # takes part in the TP gathers; only the sender keeps a host copy
+            for _ in iter_hf_tensors(model_chunks, self.mapping):
+                pass
             return None
-        self.last = tensors
+        self.last = [(name, t.detach().to("cpu", copy=True)) for name, t in iter_hf_tensors(model_chunks, self.mapping)]
+        stats.add("gather", time.perf_counter() - start)
         return self._send(rdv, version, check_peers, stats)
 
     def resend(self, rdv: Rendezvous, version: int, check_peers=None) -> SyncStats | None:

@@ -7,9 +7,13 @@ stage gets its own group under a fresh store prefix: engines that were restarted
 group, and a group never outlives a push.
 
 One push (per stage): for each bucket, the sender broadcasts a JSON header (version, tensor table,
-checksum) and then the flat bucket; an end marker carries the bucket count. The receiver verifies every
-checksum and the count, and only returns the tensors if everything arrived intact: a corrupt or partial
-push raises `WeightSyncError` and the engine keeps its previous weights. A member that dies (before
+checksum) and then the flat bucket, packed straight into a buffer on the group's device and checksummed
+there once; an end marker carries the bucket count. The receiver verifies every checksum and the count
+and stages each verified bucket in host memory (pinned; a host bucket is its own staging), so the device
+holds one bucket at a time, never a copy of the model; it returns the tensors (views into the staged
+buckets) only if everything arrived intact: a corrupt or partial push raises `WeightSyncError` and the
+engine keeps its previous weights. Any other exception of a receiver (an out-of-memory error above all)
+aborts the push for every member before it propagates (`receive_all_stages`). A member that dies (before
 joining or mid-stream) aborts the push on every member at once instead of stalling them until the
 timeout (`WeightGroup`). gloo on CPU, NCCL on GPU: the same code, two backends. Which one a group uses is
 settled when it forms (`choose_backend`): every member publishes the device it works on, and NCCL is used
@@ -19,10 +23,11 @@ sharing a device get gloo through host memory instead).
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import datetime
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
@@ -35,6 +40,10 @@ from megatron_oapl.weights.bucket import BucketHeader, checksum, pack_buckets, u
 
 _ABORT_KEY = "abort"
 _ABORT_POLL_S = 0.05
+# The process group's own timeout exceeds the graceful abort deadline (`_wait_until`, timeout_s) by this much,
+# so the NCCL watchdog (which tears the process down) never fires before every member aborted cleanly.
+_PG_TIMEOUT_FACTOR, _PG_TIMEOUT_MARGIN_S = 2.0, 60.0
+_NCCL_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 _CPU = "cpu"
 
 log = logging.getLogger("oapl.weights")
@@ -102,6 +111,38 @@ def default_member_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
+def collective_timeout(abort_timeout_s: float) -> datetime.timedelta:
+    """The weight group's process-group timeout for a graceful abort deadline of `abort_timeout_s`."""
+    return datetime.timedelta(seconds=_PG_TIMEOUT_FACTOR * abort_timeout_s + _PG_TIMEOUT_MARGIN_S)
+
+
+@contextlib.contextmanager
+def _nccl_cleanup_only():
+    """TORCH_NCCL_ASYNC_ERROR_HANDLING=2 (CleanUpOnly) while a weight group's NCCL process group is built (it
+    reads the variable then): should its watchdog ever fire, it aborts this group's communicator instead of
+    tearing the process down, as the launcher's =1 would (learner rank 0, and with it the job)."""
+    saved = os.environ.get(_NCCL_ERROR_HANDLING)
+    os.environ[_NCCL_ERROR_HANDLING] = "2"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(_NCCL_ERROR_HANDLING, None)
+        else:
+            os.environ[_NCCL_ERROR_HANDLING] = saved
+
+
+def stage_on_host(flat: torch.Tensor) -> torch.Tensor:
+    """A verified bucket in host memory, where the receiver keeps it until the push is complete: a host bucket
+    as it is (it is never reused), a GPU bucket copied into pinned memory (fast copies both ways), so the
+    device holds one bucket at a time."""
+    if flat.device.type == "cpu":
+        return flat
+    host = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=True)
+    host.copy_(flat)
+    return host
+
+
 class WeightStoreServer:
     """The TCPStore every weight group rendezvous through (hosted by the coordinator process)."""
 
@@ -148,14 +189,16 @@ class WeightGroup:
         self.backend, self.why = choose_backend(rdv.backend, devices)
         self._announce()
         prefixed = dist.PrefixStore(str(rdv.stage), self._epoch_store)
+        pg_timeout = collective_timeout(rdv.timeout_s)
         if self.backend == "nccl":
             self.device = member_device  # the communicator is built on the device of the first tensor sent
             opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timeout
-            self.pg = dist.ProcessGroupNCCL(prefixed, rank, rdv.world_size, opts)
+            opts._timeout = pg_timeout
+            with _nccl_cleanup_only():
+                self.pg = dist.ProcessGroupNCCL(prefixed, rank, rdv.world_size, opts)
         else:
             self.device = torch.device("cpu")
-            self.pg = dist.ProcessGroupGloo(prefixed, rank, rdv.world_size, timeout)
+            self.pg = dist.ProcessGroupGloo(prefixed, rank, rdv.world_size, pg_timeout)
 
     def _announce(self) -> None:
         """The sender logs the group's transport once per process and decision (every push would repeat it)."""
@@ -168,9 +211,14 @@ class WeightGroup:
 
     def abort(self, reason: str) -> None:
         """Abort the push for every member of this sync epoch (all stages) and raise here."""
+        self.signal_abort(reason)
+        raise WeightSyncError(f"weight push (epoch {self.rdv.epoch}, stage {self.rdv.stage}) aborted: {reason}")
+
+    def signal_abort(self, reason: str) -> None:
+        """Abort the push for every member of this sync epoch (all stages), without raising here (a member
+        that fails with its own exception aborts the others, then lets that exception go on)."""
         self._epoch_store.set(_ABORT_KEY, f"rank {self.rank} of stage {self.rdv.stage}: {reason}".encode())
         self._abort_pg()
-        raise WeightSyncError(f"weight push (epoch {self.rdv.epoch}, stage {self.rdv.stage}) aborted: {reason}")
 
     def _abort_pg(self) -> None:
         if self.pg is not None:
@@ -237,8 +285,11 @@ class SyncStats:
 
 
 def send_bucket(group: WeightGroup, header: BucketHeader, flat: torch.Tensor) -> None:
+    if flat.device != group.device:
+        raise ValueError(f"bucket {header.index} is on {flat.device}, the weight group sends from {group.device} "
+                         "(pack_buckets(..., device=group.device))")
     group.send_json(header.to_dict())
-    group.broadcast(flat.to(group.device))
+    group.broadcast(flat)
 
 
 def send_end(group: WeightGroup, version: int, buckets: int) -> None:
@@ -250,15 +301,11 @@ def send_weights(
     stats: SyncStats | None = None,
 ) -> SyncStats:
     """Sender side of one push. `named_tensors` is consumed lazily (gathering is timed separately by
-    the caller's iterator); packing and sending are timed here."""
+    the caller's iterator); packing and sending are timed here. Buckets are packed on the group's device
+    (host tensors go to the GPU in that one copy) and checksummed there once."""
     stats = stats or SyncStats()
     start = time.perf_counter()
-    for header, flat in pack_buckets(named_tensors, bucket_bytes, version):
-        if flat.device != group.device:
-            # Host tensors on an NCCL group: the engines checksum on the GPU (weighted sums, not the host's
-            # CRC-32), so the header must carry the checksum of the copy that goes on the wire.
-            flat = flat.to(group.device)
-            header = dataclasses.replace(header, checksum=checksum(flat))
+    for header, flat in pack_buckets(named_tensors, bucket_bytes, version, device=group.device):
         packed = time.perf_counter()
         stats.add("gather+pack", packed - start)
         send_bucket(group, header, flat)
@@ -273,7 +320,8 @@ def send_weights(
 def receive_weights(
     group: WeightGroup, expected_version: int, stats: SyncStats | None = None
 ) -> list[tuple[str, torch.Tensor]]:
-    """Receiver side of one push: verified tensors, or `WeightSyncError` (nothing to apply)."""
+    """Receiver side of one push: verified tensors, or `WeightSyncError` (nothing to apply). The tensors are
+    views into the buckets staged in host memory (`stage_on_host`): the device holds one bucket at a time."""
     stats = stats or SyncStats()
     tensors: list[tuple[str, torch.Tensor]] = []
     problems: list[str] = []
@@ -292,11 +340,12 @@ def receive_weights(
         stats.bytes += header.nbytes
         if header.version != expected_version:
             problems.append(f"bucket {header.index} is of version {header.version}, expected {expected_version}")
-        elif checksum(flat) != header.checksum:
+        elif checksum(flat, header.checksum_kind) != header.checksum:
             names = ", ".join(t.name for t in header.tensors[:3])
             problems.append(f"bucket {header.index} ({names}...) failed its checksum")
         else:
-            tensors.extend((name, t.clone()) for name, t in unpack_bucket(header, flat))
+            tensors.extend(unpack_bucket(header, stage_on_host(flat)))
+        del flat  # a GPU bucket is freed before the next one arrives
         stats.add("verify", time.perf_counter() - got)
     stats.buckets = received
     if message["buckets"] != received:

@@ -244,7 +244,8 @@ def test_offline_round_replays_a_generated_dataset(tiny_model, tmp_path):
     subprocess.run([sys.executable, "-m", "megatron_oapl.cli", "generate", str(ROOT / "configs" / "tiny.yaml"),
                     *common, f"run_dir={tmp_path / 'gen'}", "--out", str(dataset), "--steps", "3"],
                    check=True, cwd=ROOT, timeout=600)
-    lines = [json.loads(line) for line in dataset.read_text().splitlines()]
+    # Appended as the groups arrived: any line order, each order once.
+    lines = sorted((json.loads(line) for line in dataset.read_text().splitlines()), key=lambda g: g["order_index"])
     assert [g["order_index"] for g in lines] == list(range(12)) and {g["policy_version"] for g in lines} == {0}
     assert all(len(g["samples"]) == 8 and all(len(s["token_ids"]) == len(s["logprobs"]) for s in g["samples"])
                for g in lines)

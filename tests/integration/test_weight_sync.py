@@ -6,6 +6,7 @@ weights, instead of leaving them blocked until the group's timeout."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -13,6 +14,7 @@ import signal
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
 from megatron_oapl.weights.bucket import pack_buckets
 from megatron_oapl.weights.sync import stage_rendezvous
@@ -25,9 +27,12 @@ from megatron_oapl.weights.transport import (
     send_weights,
 )
 from tests.support.distributed import run_ranks
+from tests.support.hf_reference import hf_logits
 from tests.support.oapl_case import REF, run_config
+from tests.support.reference_llama import ReferenceLlama
 from tests.support.sync_workers import (
     engine_receive_and_sample,
+    learner_export,
     learner_push_then_score,
     learner_push_to_absent_engine,
 )
@@ -167,3 +172,34 @@ def test_engine_death_aborts_the_push_for_every_member(tmp_path, when):
             assert torch.equal(result["state"][name], tensor), name
     victim.join(10)
     assert victim.exitcode == -signal.SIGKILL
+
+
+def test_export_streams_each_stage_into_shards_that_transformers_loads(setup, tmp_path):
+    """PP=2: each stage's sender writes its own shards (small shards: several per stage), rank 0 merges one
+    index; no rank gathers objects (gather_object & co. raise in the ranks). transformers loads the directory
+    with exactly the learner's weights and the reference model's logits."""
+    root, _ = setup
+    side = tmp_path / "side"
+    write_hf_model(side, seed=5)  # config.json of the reference architecture; its weights are replaced
+    (tmp_path / "hf").mkdir()
+    torch.save({"stale": torch.zeros(1)}, tmp_path / "hf" / "model.safetensors")  # an earlier export's file
+    run_ranks(2, learner_export, run_config(tp=1, pp=2), str(root / "ref.pt"), str(side), str(tmp_path / "hf"),
+              16 * 1024)
+    out = tmp_path / "hf"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert {f.split("-")[1] for f in files} == {"s000", "s001"} and len(files) > 2
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(files)  # the stale file is gone
+    ref = torch.load(root / "ref.pt")
+    exported = {}
+    for name in files:
+        exported.update(load_file(out / name))
+    assert set(exported) == set(index["weight_map"]) and set(exported) <= set(ref)
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, ref[name]), name
+    tokens = [[3, 7, 11, 2, 5], [9, 9, 1, 4, 8]]
+    model = ReferenceLlama(REF, seed=0)
+    model.load_state_dict(ref)
+    with torch.no_grad():
+        expected = model(torch.tensor(tokens)).float()
+    torch.testing.assert_close(hf_logits(out, tokens), expected, rtol=0, atol=1e-4)

@@ -36,6 +36,24 @@ def sleeping_reward(completion_text: str, prompt: Prompt) -> float:
     return 1.0
 
 
+_slept_for: set[str] = set()
+
+
+def slow_reasoning_gym(completion_text: str, prompt: Prompt) -> float:
+    """The task's own reward, except that the first call in each reward worker for a prompt listed in the JSON
+    file OAPL_SLOW_PROMPTS sleeps OAPL_SLOW_SECONDS first: the steps made of those prompts wait that long for
+    their groups (a slow fleet), the others do not."""
+    import json
+
+    from megatron_oapl.rewards.registry import get_reward
+
+    slow = set(json.loads(open(os.environ["OAPL_SLOW_PROMPTS"]).read()))
+    if prompt.prompt_id in slow and prompt.prompt_id not in _slept_for:
+        _slept_for.add(prompt.prompt_id)
+        time.sleep(float(os.environ["OAPL_SLOW_SECONDS"]))
+    return get_reward("reasoning_gym")(completion_text, prompt)
+
+
 def string_reward(completion_text: str, prompt: Prompt) -> str:
     return "1.0"
 

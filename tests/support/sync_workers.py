@@ -84,3 +84,23 @@ def learner_push_to_absent_engine(cfg_dict: dict, ref_state_path: str, rdvs: lis
         torch.save(outcome, Path(out_dir) / f"rank{ctx.rank}.pt")
     finally:
         destroy_distributed()
+
+
+def learner_export(cfg_dict: dict, ref_state_path: str, side_dir: str, out_dir: str, shard_bytes: int) -> None:
+    """Export the reference weights with `export_hf_model`, every object gather refused in this rank."""
+    import torch.distributed as dist
+
+    from megatron_oapl.learner.distributed import destroy_distributed
+    from megatron_oapl.weights.export import export_hf_model
+    from tests.support.learner_workers import reference_policy
+
+    cfg, ctx, policy, mapping = reference_policy(cfg_dict, ref_state_path)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the export gathered objects across ranks")
+
+    dist.gather_object = dist.all_gather_object = dist.gather = refuse
+    try:
+        export_hf_model(policy.model, mapping, ctx, side_dir, out_dir, shard_bytes)
+    finally:
+        destroy_distributed()

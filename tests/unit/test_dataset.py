@@ -40,3 +40,43 @@ def test_mismatches_name_the_line_and_the_field(tmp_path):
         write_groups(tmp_path / "g.jsonl", [_group(1)])
     with pytest.raises(FileNotFoundError, match="oapl generate"):
         read_groups(tmp_path / "missing.jsonl", FLEET)
+
+
+def _write_lines(path, lines: list[str]):
+    path.write_text("".join(lines))
+    return path
+
+
+def test_lines_in_any_order_are_read_by_order_and_only_when_a_step_asks(tmp_path):
+    """The dataset is an index of line offsets: opening it checks the first line only, and a step reads and
+    checks just its own lines. A broken line among those no step has asked for yet is reported only when
+    one does (the reader does not parse the whole file up front)."""
+    from megatron_oapl.rollout.dataset import RolloutDataset, group_line
+
+    groups = [_group(i) for i in range(5)]
+    lines = [group_line(groups[i]) for i in (3, 0, 4, 1, 2)]
+    lines[4] = '{"order_index": 2, "prompt": {"prompt_id": "p2", "token_ids": [1, 2'  # cut short, then more
+    lines[4] += "\n"
+    data = RolloutDataset(_write_lines(tmp_path / "d.jsonl", lines), FLEET)
+    assert len(data) == 5
+    assert [data.group(i) for i in (0, 1, 3, 4)] == [groups[i] for i in (0, 1, 3, 4)]
+    with pytest.raises(ValueError, match=r"d.jsonl:5: not a rollout group"):
+        data.group(2)
+
+
+def test_an_unfinished_dataset_is_refused_with_what_to_do(tmp_path):
+    """Each order once, none missing, no line torn by a kill: otherwise one error naming the file."""
+    from megatron_oapl.rollout.dataset import RolloutDataset, group_line, orders_on_disk
+
+    lines = [group_line(_group(i)) for i in range(3)]
+    with pytest.raises(ValueError, match=r"d.jsonl:3: order 0 is also on line 1"):
+        RolloutDataset(_write_lines(tmp_path / "d.jsonl", [*lines[:2], lines[0]]), FLEET)
+    with pytest.raises(ValueError, match=r"orders 1 are missing .*run the same command again"):
+        RolloutDataset(_write_lines(tmp_path / "e.jsonl", [lines[0], lines[2], group_line(_group(3))]), FLEET)
+    torn = _write_lines(tmp_path / "f.jsonl", [*lines, lines[0][:30]])
+    with pytest.raises(ValueError, match=r"f.jsonl: the last line is incomplete"):
+        RolloutDataset(torn, FLEET)
+    # `oapl generate` resuming on it: the torn line is cut off, the complete ones count as done.
+    assert orders_on_disk(torn, FLEET) == {0, 1, 2}
+    assert torn.read_text() == "".join(lines)
+    assert [g.order_index for g in read_groups(torn, FLEET)] == [0, 1, 2]

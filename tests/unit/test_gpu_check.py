@@ -68,7 +68,8 @@ def test_unknown_backend_names_the_field():
 
 def _receive(port: int, backend: str, out: str) -> None:
     group = WeightGroup(Rendezvous("127.0.0.1", port, epoch=1, stage=0, world_size=2, backend=backend), rank=1)
-    torch.save({"tensors": receive_weights(group, expected_version=3), "backend": group.backend}, out)
+    tensors = [(name, t.clone()) for name, t in receive_weights(group, expected_version=3)]  # views of a bucket
+    torch.save({"tensors": tensors, "backend": group.backend}, out)
 
 
 @pytest.mark.parametrize("requested", ["nccl", "auto"])
