@@ -48,12 +48,24 @@ MICRO_BATCHES = "perf/micro_batches_per_step"  # per data-parallel rank (all ran
 PADDING_FRACTION = "perf/padding_frac"  # of the tokens the learner step computed, the share that is padding
 IDLE_FRACTION = "perf/learner_idle_frac"  # run so far: time waiting on the fleet / time in steps
 
-# Evaluation.
+# Evaluation: the data section's held-out prompts (no eval.sets) keep the names without a set.
 PASS_AT_K = "eval/pass@{k}"
+AVG_AT_K = "eval/avg@{k}"  # mean reward of the k = eval.num_samples samples per prompt
+SET_PASS_AT_K = "eval/{set}/pass@{k}"  # eval.sets.<set>
+SET_AVG_AT_K = "eval/{set}/avg@{k}"
+DEFAULT_EVAL_SET = "heldout"  # evaluation.DEFAULT_SET
 
 
 def pass_at(k: int) -> str:
     return PASS_AT_K.format(k=k)
+
+
+def eval_pass_at(set_name: str, k: int) -> str:
+    return pass_at(k) if set_name == DEFAULT_EVAL_SET else SET_PASS_AT_K.format(set=set_name, k=k)
+
+
+def eval_avg_at(set_name: str, k: int) -> str:
+    return AVG_AT_K.format(k=k) if set_name == DEFAULT_EVAL_SET else SET_AVG_AT_K.format(set=set_name, k=k)
 
 
 class MetricsWriter:

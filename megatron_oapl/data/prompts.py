@@ -38,7 +38,8 @@ from typing import Any, Iterator
 from megatron_oapl.config import ConfigError
 from megatron_oapl.rollout.types import Prompt
 
-__all__ = ["DataError", "SPLITS", "EVAL_SEED_OFFSET", "load_prompts", "jsonable"]
+__all__ = ["DataError", "SPLITS", "EVAL_SEED_OFFSET", "load_prompts", "load_split", "prompt_token_ids",
+           "jsonable"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +68,44 @@ def load_prompts(data_cfg: Any, split: str, tokenizer: Any = None) -> list[Promp
         prompts = _from_file(data_cfg, split, source)
     else:
         raise ConfigError(f"data.source={source!r} must be one of: {', '.join(_SOURCES)}")
-    if tokenizer is not None:
-        from .templates import render_prompt
-        from .tokenizer import encode_prompt
+    return _encoded(prompts, tokenizer, data_cfg.chat_template)
 
+
+def prompt_token_ids(tokenizer: Any, chat_template: str | None, text: str) -> list[int]:
+    """The one render + encode path: the chat template applied to `text`, then encoded (engines, checks)."""
+    from .templates import render_prompt
+    from .tokenizer import encode_prompt
+
+    return encode_prompt(tokenizer, render_prompt(tokenizer, chat_template, text))
+
+
+def load_split(run_cfg: Any, split: str, tokenizer: Any = None) -> list[Prompt]:
+    """The prompts of a work order's split: "train", "eval" (the data section's held-out prompts) or
+    "eval/<set>" (eval.sets.<set>: a reasoning-gym task, held out against the run's training prompts;
+    or a prepared .jsonl / .parquet file)."""
+    if not split.startswith("eval/"):
+        return load_prompts(run_cfg.data, split, tokenizer)
+    import dataclasses
+
+    spec = run_cfg.eval.sets[split.removeprefix("eval/")]
+    want = spec.get("num_eval_prompts", run_cfg.data.num_eval_prompts)
+    if spec["source"] == "reasoning_gym":
+        data = dataclasses.replace(run_cfg.data, source="reasoning_gym", task=spec.get("task", run_cfg.data.task),
+                                   task_kwargs=dict(spec.get("task_kwargs") or {}), num_eval_prompts=want)
+        # Held out against what the run trains on (when that is a reasoning-gym task too).
+        prompts = _reasoning_gym(data, "eval", run_cfg.data if run_cfg.data.source == "reasoning_gym" else None)
+        return _encoded(prompts, tokenizer, run_cfg.data.chat_template)
+    path = Path(spec["path"])
+    if not path.is_file():
+        raise DataError(f"eval.sets.{split.removeprefix('eval/')}: the file {path} does not exist")
+    prompts = _read_file(path, "parquet" if path.suffix == ".parquet" else "jsonl", want, "eval")
+    return _encoded(prompts, tokenizer, run_cfg.data.chat_template)
+
+
+def _encoded(prompts: list[Prompt], tokenizer: Any, chat_template: str | None) -> list[Prompt]:
+    if tokenizer is not None:
         for p in prompts:
-            p.token_ids = encode_prompt(tokenizer, render_prompt(tokenizer, data_cfg.chat_template, p.text))
+            p.token_ids = prompt_token_ids(tokenizer, chat_template, p.text)
     return prompts
 
 
@@ -132,14 +165,17 @@ def _rg_prompt(task: str, split: str, index: int, entry: dict[str, Any]) -> Prom
                   metadata={"task": task, "entry_metadata": jsonable(entry.get("metadata", {}))})
 
 
-def _reasoning_gym(cfg: Any, split: str) -> list[Prompt]:
-    train = _create_dataset(cfg, cfg.seed, cfg.num_train_prompts)
+def _reasoning_gym(cfg: Any, split: str, train_cfg: Any = None) -> list[Prompt]:
+    """`train_cfg`: the data whose train split eval prompts are held out against (default `cfg`; an eval
+    set of another task or kwargs passes the run's data section)."""
+    train_cfg = cfg if train_cfg is None else train_cfg
+    train = _create_dataset(train_cfg, train_cfg.seed, train_cfg.num_train_prompts)
     if split == "train":
         return [_rg_prompt(cfg.task, split, i, train[i]) for i in range(cfg.num_train_prompts)]
     want = cfg.num_eval_prompts
     if want <= 0:
         return []
-    seen = {train[i]["question"] for i in range(cfg.num_train_prompts)}
+    seen = {train[i]["question"] for i in range(train_cfg.num_train_prompts)}
     candidates = EVAL_CANDIDATE_FACTOR * want + 16
     pool = _create_dataset(cfg, cfg.seed + EVAL_SEED_OFFSET, candidates)
     prompts: list[Prompt] = []
@@ -251,6 +287,11 @@ def _from_file(cfg: Any, split: str, source: str) -> list[Prompt]:
     if shared and split == "eval":
         logger.warning("data.path=%r has no '{split}' placeholder: eval prompts come from the same file as "
                        "train prompts and are not held out", cfg.path)
+    return _read_file(path, source, want, split)
+
+
+def _read_file(path: Path, source: str, want: int, split: str) -> list[Prompt]:
+    """The first `want` records of a prompt file as `Prompt`s (ids default to "{stem}/{split}/{index}")."""
     if want <= 0:
         return []
     records = _iter_jsonl(path) if source == "jsonl" else _iter_parquet(path)

@@ -8,8 +8,8 @@
 - 1.0 if `verify(gold, pred)` else 0.0. A gold answer math-verify cannot parse raises (a data problem the
   scorer counts as an error); an unparseable prediction scores 0.
 
-math-verify's own timeouts use `signal.alarm`, which only works in the main thread; `RewardScorer` runs
-rewards in a worker thread, so they are switched off here (`parsing_timeout=None`,
+math-verify's own timeouts use `signal.alarm`, which only works in the main thread and would fight the
+caller's own limit, so they are switched off here (`parsing_timeout=None`,
 `timeout_seconds=None`) and the caller bounds the call instead (the engines' reward pool kills a worker
 process that runs past rewards.timeout_s).
 """

@@ -6,8 +6,8 @@
             ...
         pool.pending(), pool.stats()               # {"calls": ..., "errors": ..., "timeouts": ...}
 
-Why processes and not threads (`RewardScorer`): a thread cannot be killed, so a hung reward held its
-thread and whatever it started forever, and timeouts ran one after another. Here:
+Why processes and not threads (the package's former `RewardScorer`): a thread cannot be killed, so a hung
+reward held its thread and whatever it started forever, and timeouts ran one after another. Here:
 - each worker (`pool_worker.py`) runs one call at a time; the pool's own thread dispatches calls, receives
   results and watches deadlines, so scoring advances while the engine is busy sampling;
 - a call past `timeout_s` scores 0 (`timed_out`), its worker's whole process group is SIGKILLed and a
@@ -15,7 +15,7 @@ thread and whatever it started forever, and timeouts ran one after another. Here
 - after every call the worker kills what the reward started; on timeout and at `close` the process-group
   kill (plus the descendants the pool can still see) covers the rest;
 - a worker that dies mid-call (a segfault, `os._exit`) makes that call an error and is replaced;
-- what counts as a score is `registry.validate_score`, the same function `RewardScorer` uses.
+- what counts as a score is `registry.validate_score`.
 
 Workers are started with `subprocess` (the engine is a daemonic multiprocessing process, which may not
 have multiprocessing children), each in a session of its own, talking over a socket passed by fd (the

@@ -116,10 +116,8 @@ def serve(conn: Connection, reward_name: str) -> None:
 
 def main(argv: list[str]) -> None:
     fd, parent_pid, reward_name = int(argv[0]), int(argv[1]), argv[2]
-    # Die with the engine even when it is SIGKILLed; the check covers a parent that died before prctl.
-    die_with_parent()
-    if os.getppid() != parent_pid:
-        os._exit(1)
+    # Die with the engine even when it is SIGKILLed (a parent that died before prctl: exit at once).
+    die_with_parent(parent_pid)
     _become_subreaper()
     serve(Connection(fd), reward_name)
 

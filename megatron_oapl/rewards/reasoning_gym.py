@@ -13,7 +13,7 @@ Answer extraction (`extract_answer`):
 Small models answer "= 12" style prompts on one line; anything after that line is not the answer.
 
 The raw score can be partial credit (chain_sum gives len(answer)/len(completion) when the completion
-merely contains the answer); `RewardScorer(binarize=True)` turns that into 0.
+merely contains the answer); `rewards.binarize=true` (`registry.validate_score`) turns that into 0.
 """
 
 from __future__ import annotations

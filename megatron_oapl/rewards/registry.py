@@ -1,16 +1,13 @@
-"""Reward functions by name, what counts as a score (`validate_score`), and `RewardScorer`, which scores one
-completion in this process (evaluation, tests). The fleet's engines score in worker processes instead
-(`rewards/pool.py`), through the same `build_reward` and `validate_score`.
+"""Reward functions by name, and what counts as a score (`validate_score`). Rewards are called in one place
+only, the reward pool's worker processes (`rewards/pool.py`; the engines score every training and eval
+sample there), through `build_reward` and `validate_score`: a thread could neither be killed on a timeout
+nor take down what a reward started.
 
 A reward function is a plain callable `fn(completion_text: str, prompt: Prompt) -> float`. Built-in ones
 (`reasoning_gym`, `math`, `code`) register themselves with `@register_reward(name)` when their module is
 imported; `get_reward` imports a built-in module on first use, so naming a reward never pays for the
 heavy imports of the others. `rewards.name` may also be a dotted path to any function, imported on
 demand: `my_pkg.my_rewards:exact_match` (or `my_pkg.my_rewards.exact_match`).
-
-    scorer = RewardScorer(cfg.rewards)         # name, binarize, timeout_s
-    sample.reward = scorer.score(sample.text, prompt)   # never raises
-    scorer.stats()                             # {"calls": ..., "errors": ..., "timeouts": ...}
 """
 
 from __future__ import annotations
@@ -19,13 +16,12 @@ import importlib
 import logging
 import math
 import numbers
-import threading
 from typing import Any, Callable
 
 from megatron_oapl.rollout.types import Prompt
 
 __all__ = ["RewardFn", "register_reward", "get_reward", "registered_rewards", "InvalidScore", "validate_score",
-           "RewardScorer"]
+           "build_reward"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,86 +137,3 @@ def build_reward(cfg_rewards: Any) -> RewardFn:
 
         return build_code_reward(cfg_rewards)
     return get_reward(cfg_rewards.name)
-
-
-class RewardScorer:
-    """Wraps a reward function so that scoring never raises and never blocks longer than timeout_s.
-
-    - An exception or a result `validate_score` refuses (not a finite real number) counts in `errors` and
-      scores 0.0 (the first few are logged with their message, so a broken reward is visible without
-      flooding the log).
-    - A call still running after `timeout_s` counts in `timeouts` and scores 0.0. The function runs in a
-      daemon worker thread that `join(timeout)` gives up on; Python cannot kill a thread, so a truly hung
-      reward keeps its thread (and whatever it holds) alive until it returns or the process exits
-      (`stats()["hung"]` counts such threads). Rewards that can hang for real must bound themselves:
-      the `code` reward runs programs in subprocesses with hard CPU, memory and wall-clock limits.
-    - `binarize=True` maps a score to 1.0 if it is >= 1.0 (i.e. fully correct) and to 0.0 otherwise:
-      reasoning-gym's scorers give partial credit to answers that merely contain the right one.
-
-    Safe to call from several threads at once (the counters are locked).
-    """
-
-    LOG_FIRST_ERRORS = 5
-
-    def __init__(self, cfg_rewards: Any, fn: RewardFn | None = None):
-        """cfg_rewards: a `RewardsConfig` (name, binarize, timeout_s). fn overrides the named function."""
-        self.name: str = cfg_rewards.name
-        self.binarize: bool = bool(cfg_rewards.binarize)
-        self.timeout_s: float = float(cfg_rewards.timeout_s)
-        self.fn: RewardFn = fn if fn is not None else build_reward(cfg_rewards)
-        self.calls = 0
-        self.errors = 0
-        self.timeouts = 0
-        self._lock = threading.Lock()
-        self._hung: list[threading.Thread] = []
-
-    def __call__(self, text: str, prompt: Prompt) -> float:
-        return self.score(text, prompt)
-
-    def score(self, text: str, prompt: Prompt) -> float:
-        """The reward of one completion; 0.0 on error or timeout (counted, never raised)."""
-        with self._lock:
-            self.calls += 1
-        box: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                box["value"] = self.fn(text, prompt)
-            except BaseException as e:  # noqa: BLE001 - anything the reward does is its own problem
-                box["error"] = e
-
-        worker = threading.Thread(target=work, name=f"reward-{self.name}", daemon=True)
-        worker.start()
-        worker.join(self.timeout_s)
-        if worker.is_alive():
-            with self._lock:
-                self.timeouts += 1
-                self._hung.append(worker)
-                n = self.timeouts
-            if n <= self.LOG_FIRST_ERRORS:
-                logger.warning("reward %r timed out after %.1f s on prompt %s (scored 0; timeout #%d)",
-                               self.name, self.timeout_s, prompt.prompt_id, n)
-            return 0.0
-        if "error" in box:
-            return self._error(prompt, f"{type(box['error']).__name__}: {box['error']}")
-        try:
-            return validate_score(box["value"], self.binarize)
-        except InvalidScore as e:
-            return self._error(prompt, str(e))
-
-    def _error(self, prompt: Prompt, message: str) -> float:
-        with self._lock:
-            self.errors += 1
-            n = self.errors
-        if n <= self.LOG_FIRST_ERRORS:
-            more = " (further errors are only counted)" if n == self.LOG_FIRST_ERRORS else ""
-            logger.warning("reward %r failed on prompt %s: %s (scored 0; error #%d)%s",
-                           self.name, prompt.prompt_id, message, n, more)
-        return 0.0
-
-    def stats(self) -> dict[str, int]:
-        """Counters since construction: calls, errors, timeouts, and timed-out threads still running."""
-        with self._lock:
-            self._hung = [t for t in self._hung if t.is_alive()]
-            return {"calls": self.calls, "errors": self.errors, "timeouts": self.timeouts,
-                    "hung": len(self._hung)}

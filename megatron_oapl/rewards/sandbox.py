@@ -7,7 +7,7 @@
 Both kinds (every run is a fresh process):
 - rlimits set by a tiny bootstrap (`_BOOT`) that then execs `python -I -S program`: RLIMIT_CPU (soft =
   hard, so SIGKILL at the limit, which a PID 1 could not ignore), RLIMIT_AS (memory), RLIMIT_FSIZE
-  (`MAX_OUTPUT_BYTES`), no core files. A bootstrap, not a `preexec_fn`: rewards may run in threads (`RewardScorer`; the
+  (`MAX_OUTPUT_BYTES`), no core files. A bootstrap, not a `preexec_fn`: rewards may run beside threads (the
   reward pool's dispatcher thread), and Python documents `preexec_fn` as unsafe when threads exist;
 - an environment of PATH, LANG and HOME only (no proxies, no credentials); stderr discarded;
 - a wall-clock limit; after every run, timed out or not, the runner's whole process group is SIGKILLed.

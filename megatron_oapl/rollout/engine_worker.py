@@ -1,7 +1,7 @@
 """The body of one engine process: take work orders from the coordinator, keep many of them in flight in
 the engine, score finished samples in a reward pool beside it, push each group the moment it is scored.
 
-    orders (Deal) -> pending, sorted: training orders by index, then eval orders
+    orders (Deal) -> pending, by rank: training orders by index, eval orders between them (orders.py)
                   -> engine.submit while fewer than fleet.max_in_flight sequences are in flight
     engine.step() -> finished groups -> one reward call per sample in the RewardPool
     pool results  -> a group whose every sample is scored goes to the coordinator (PUSH, non-blocking)
@@ -29,7 +29,7 @@ from pathlib import Path
 import zmq
 
 from megatron_oapl.rollout.messages import Deal, Hello, Stop, Sync, Synced
-from megatron_oapl.rollout.orders import Order
+from megatron_oapl.rollout.orders import Order, sampling_params
 from megatron_oapl.rollout.types import Prompt, RolloutGroup, Sample, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -65,21 +65,19 @@ class PromptTable:
     """The prompts of one split an engine serves orders from, tokenised on first use."""
 
     def __init__(self, cfg, tokenizer, split: str = "train"):
-        from megatron_oapl.data.prompts import load_prompts
+        from megatron_oapl.data.prompts import load_split
 
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.prompts = load_prompts(cfg.data, split)
+        self.prompts = load_split(cfg, split)  # train, eval or eval/<set>
         self._ids: dict[int, list[int]] = {}
 
     def get(self, index: int) -> Prompt:
         """The prompt with its token ids (the chat template applied)."""
-        from megatron_oapl.data.templates import render_prompt
-        from megatron_oapl.data.tokenizer import encode_prompt
+        from megatron_oapl.data.prompts import prompt_token_ids
 
         prompt = self.prompts[index]
         if index not in self._ids:
-            text = render_prompt(self.tokenizer, self.cfg.data.chat_template, prompt.text)
-            self._ids[index] = encode_prompt(self.tokenizer, text)
+            self._ids[index] = prompt_token_ids(self.tokenizer, self.cfg.data.chat_template, prompt.text)
         return Prompt(prompt.prompt_id, self._ids[index], prompt.text, prompt.answer, prompt.metadata)
 
 
@@ -108,14 +106,8 @@ class EngineWorker:
         self.engine = build_engine(cfg, model_dir, engine_id)
         self.tokenizer = load_tokenizer(model_dir)
         self.tables: dict[str, PromptTable] = {}  # by split, loaded on its first order
-        stops = tuple(stop_token_ids(self.tokenizer))
-        fleet = cfg.fleet
-        self.params = {
-            "train": SamplingParams(n=fleet.group_size, temperature=fleet.temperature, top_p=fleet.top_p,
-                                    max_new_tokens=fleet.max_new_tokens, stop_token_ids=stops),
-            "eval": SamplingParams(n=cfg.eval.num_samples, temperature=cfg.eval.temperature, top_p=fleet.top_p,
-                                   max_new_tokens=fleet.max_new_tokens, stop_token_ids=stops),
-        }
+        self.stops = tuple(stop_token_ids(self.tokenizer))
+        self.params: dict[str, SamplingParams] = {}  # by split (orders.sampling_params), on first use
         self.seeded = seeds_requests(cfg)
         self.rewards = RewardPool(cfg.rewards, cfg.rewards.num_workers)
         self.pending: list[Order] = []  # dealt, not yet submitted to the engine
@@ -157,8 +149,9 @@ class EngineWorker:
                 return False
             if isinstance(msg, Deal):
                 self.pending.extend(msg.orders)
-                # Earlier steps first: the learner's next step must not wait behind later orders.
-                self.pending.sort(key=lambda o: (o.split != "train", o.index))
+                # Earlier steps first: the learner's next step must not wait behind later orders; eval
+                # orders are ranked between the round's training orders (orders.eval_ranks).
+                self.pending.sort(key=lambda o: o.priority)
             elif isinstance(msg, Sync):
                 self._sync(msg)
         return True
@@ -166,6 +159,8 @@ class EngineWorker:
     def _submit(self) -> None:
         while self.pending:
             order = self.pending[0]
+            if order.split not in self.params:
+                self.params[order.split] = sampling_params(self.cfg, order.split, self.stops)
             params = request_params(self.params[order.split], order.seed, self.seeded)
             in_flight = self.engine.in_flight()
             # One group at a time when reproducible; else whole groups up to fleet.max_in_flight sequences.

@@ -10,10 +10,16 @@ at step s continues the same stream at order s * P (the "sampler position").
 Engines sample every order with its own seed (one generate call per order), so a group is the same
 whichever engine produces it.
 
-Evaluation goes through the same book: with eval.every > 0 the coordinator plans one "eval" order per
-held-out prompt for a freshly pushed version; they are dealt after the round's training orders and
-must all come back before the next push (an engine drops orders of older versions when it syncs).
-Orders are keyed by (split, index): eval prompt i is ("eval", i) whatever the version.
+Evaluation goes through the same book: the coordinator plans one eval order per prompt of each eval set
+(split "eval" for the data section's held-out prompts, "eval/<set>" for eval.sets.<set>) for a freshly
+pushed version. They are dealt at once and ranked *between* the coming round's training orders, spread
+evenly over all of its steps but the last (`eval_ranks`), so engines sample them beside training and they
+are back before the round's last step; that step (and the push after it) waits only for the few still
+missing, as an engine drops orders of older versions when it syncs (an evaluation scores exactly one
+version). Orders are keyed by (split, index): eval prompt i of a set is (split, i) whatever the version.
+
+`sampling_params` is the one place that builds an order's sampling parameters (training group size and
+temperature; an eval set's num_samples and eval.temperature).
 """
 
 from __future__ import annotations
@@ -28,7 +34,12 @@ class Order:
     prompt_index: int  # into the training prompts
     seed: int  # sampling seed of this group
     version: int  # the policy version that must sample it
-    split: str = "train"  # "train": a training group; "eval": pass@k samples of a held-out prompt
+    split: str = "train"  # "train": a training group; "eval" / "eval/<set>": pass@k samples of an eval prompt
+    rank: float | None = None  # dealing and submission order (None: the index); eval orders sit between train ones
+
+    @property
+    def priority(self) -> float:
+        return self.index if self.rank is None else self.rank
 
     @property
     def key(self) -> tuple[str, int]:
@@ -59,6 +70,33 @@ def step_orders(step: int, prompts_per_step: int, start_step: int = 1, start_pos
     (after step s, `step_orders(s, ...).stop` is the sampler position a checkpoint stores)."""
     first = start_position + (step - start_step) * prompts_per_step
     return range(first, first + prompts_per_step)
+
+
+def eval_split(set_name: str | None) -> str:
+    """The order split of an eval set (None: the data section's held-out prompts)."""
+    return "eval" if set_name is None else f"eval/{set_name}"
+
+
+def eval_ranks(num_orders: int, round_orders: range, per_step: int) -> list[float]:
+    """Ranks that spread `num_orders` eval orders evenly over a lag round's training orders, all before the
+    round's last step (or within it, for a one-step round), so the learner's steps keep going while they
+    are sampled and the round-ending push rarely waits on them."""
+    span = max(len(round_orders) - per_step, min(per_step, len(round_orders)))
+    return [round_orders.start + (j + 1) * span / (num_orders + 1) - 0.5 for j in range(num_orders)]
+
+
+def sampling_params(cfg, split: str, stop_token_ids: tuple[int, ...] = (), seed: int | None = None):
+    """The sampling parameters of an order of `split` (train, eval or eval/<set>)."""
+    from megatron_oapl.rollout.types import SamplingParams
+
+    fleet = cfg.fleet
+    if split == "train":
+        n, temperature = fleet.group_size, fleet.temperature
+    else:
+        spec = cfg.eval.sets[split.removeprefix("eval/")] if split.startswith("eval/") else {}
+        n, temperature = spec.get("num_samples", cfg.eval.num_samples), cfg.eval.temperature
+    return SamplingParams(n=n, temperature=temperature, top_p=fleet.top_p, max_new_tokens=fleet.max_new_tokens,
+                          stop_token_ids=tuple(stop_token_ids), seed=seed)
 
 
 def order_seed(run_seed: int, index: int, split: str = "train") -> int:
@@ -96,19 +134,26 @@ class OrderBook:
             self.open[order.key] = order
         self.planned_until = max(self.planned_until, end)
 
-    def plan_eval(self, version: int, num_prompts: int) -> None:
-        """One eval order per held-out prompt, to be sampled by `version`."""
-        for i in range(num_prompts):
-            order = Order(i, i, order_seed(self.run_seed, i, "eval"), version, "eval")
+    def plan_eval(self, version: int, split: str, num_prompts: int, after_step: int | None = None) -> None:
+        """One eval order per prompt of eval split `split`, to be sampled by `version`, which was pushed
+        after `after_step` (None: no training follows, ranks are the prompt indices)."""
+        ranks = (range(num_prompts) if after_step is None else
+                 eval_ranks(num_prompts, self.round_indices(after_step + 1), self.per_step))
+        for i, rank in zip(range(num_prompts), ranks):
+            order = Order(i, i, order_seed(self.run_seed, i, split), version, split, float(rank))
             self.open[order.key] = order
 
+    def round_indices(self, step: int) -> range:
+        """The training order indices of the lag round that starts at `step`."""
+        round_end = -(-step // self.sync_every) * self.sync_every
+        return range(self.indices(step).start, self.indices(round_end).stop)
+
     def open_evals(self) -> int:
-        return sum(split == "eval" for split, _ in self.open)
+        return sum(split != "train" for split, _ in self.open)
 
     def unassigned(self) -> list[Order]:
-        """Orders not dealt yet: training orders first (the learner waits on them), then eval orders."""
-        return sorted((o for k, o in self.open.items() if k not in self.holder),
-                      key=lambda o: (o.split != "train", o.index))
+        """Orders not dealt yet, by rank: training orders by index, eval orders between them."""
+        return sorted((o for k, o in self.open.items() if k not in self.holder), key=lambda o: o.priority)
 
     def assign(self, engine_ids: list[int]) -> dict[int, list[Order]]:
         """Deal every unassigned order round-robin over `engine_ids` (up to date engines)."""

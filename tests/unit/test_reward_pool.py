@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from megatron_oapl.config import ConfigError, RewardsConfig, load_config
-from megatron_oapl.rewards import RewardScorer
+from megatron_oapl.rewards import get_reward, validate_score
 from megatron_oapl.rewards.pool import RewardPool
 from megatron_oapl.rollout.types import Prompt
 
@@ -77,10 +77,9 @@ def _wait_dead(pids: list[int], timeout_s: float = 10.0) -> list[int]:
 
 
 @pytest.mark.parametrize("binarize", [True, False])
-def test_scores_like_the_scorer(binarize):
+def test_scores_like_the_reward_itself(binarize):
     cases = [("exact_reward", "7"), ("exact_reward", "8"), ("half_reward", "7"), ("bool_reward", "7"),
              ("bool_reward", "8"), ("printing_reward", "8")]
-    scorer = RewardScorer(RewardsConfig(name=SCRIPTED, binarize=binarize))
     with _pool(binarize=binarize) as pool:
         for i, (reward, text) in enumerate(cases):
             pool.submit(i, text, _prompt(reward))
@@ -88,7 +87,7 @@ def test_scores_like_the_scorer(binarize):
         results = _drain(pool)
         assert pool.stats() == {"calls": len(cases), "errors": 0, "timeouts": 0}
     values = [results[i].value for i in range(len(cases))]
-    assert values == [scorer.score(text, _prompt(reward)) for reward, text in cases]
+    assert values == [validate_score(get_reward(SCRIPTED)(text, _prompt(reward)), binarize) for reward, text in cases]
     assert values == [1.0, 0.0, 0.0 if binarize else 0.5, 1.0, 0.0, 1.0]
     assert all(r.error is None and not r.timed_out for r in results.values())
 
@@ -105,10 +104,6 @@ def test_non_scores_and_exceptions_are_errors():
     assert "None (NoneType), not a real number" in results["none_reward"].error
     assert "non-finite score nan" in results["nan_reward"].error
     assert results["raising_reward"].error == "RuntimeError: scorer exploded"
-    # RewardScorer refuses the same results: one function decides what a score is.
-    scorer = RewardScorer(RewardsConfig(name=SCRIPTED))
-    assert [scorer.score("1.0", _prompt(reward)) for reward in rewards] == [0.0] * 4
-    assert scorer.stats()["errors"] == 4
 
 
 def test_a_dying_worker_is_an_error_and_is_replaced():

@@ -1,17 +1,18 @@
-"""Rewards: reasoning-gym's and math-verify's real scorers, the code sandbox, the registry and the scorer."""
+"""Rewards: reasoning-gym's and math-verify's real scorers, the code sandbox, the registry and what counts as a
+score (the reward pool that runs them: test_reward_pool.py)."""
 
 import glob
 import math
 import os
 import tempfile
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from megatron_oapl.config import DataConfig, RewardsConfig
 from megatron_oapl.data.prompts import load_prompts
-from megatron_oapl.rewards import RewardScorer, get_reward, register_reward, registered_rewards
+from megatron_oapl.rewards import get_reward, register_reward, registered_rewards, validate_score
 from megatron_oapl.rewards.code import build_code_reward, extract_program
 from megatron_oapl.rewards.sandbox import SANDBOXES, sandbox_problem
 from megatron_oapl.rewards.reasoning_gym import extract_answer
@@ -32,17 +33,9 @@ def nan_reward(completion_text: str, prompt: Prompt) -> float:
     return math.nan
 
 
-def sleeping_reward(completion_text: str, prompt: Prompt) -> float:
-    time.sleep(3.0)
-    return 1.0
-
-
-def thread_name_reward(completion_text: str, prompt: Prompt) -> float:
-    return 0.0 if threading.current_thread() is threading.main_thread() else 1.0
-
-
-def _scorer(name="reasoning_gym", binarize=True, timeout_s=30.0, fn=None) -> RewardScorer:
-    return RewardScorer(RewardsConfig(name=name, binarize=binarize, timeout_s=timeout_s), fn=fn)
+def _score(text: str, prompt: Prompt, name: str = "reasoning_gym", binarize: bool = True) -> float:
+    """What a reward worker makes of one call: the named reward's value, validated (and binarized)."""
+    return validate_score(get_reward(name)(text, prompt), binarize)
 
 
 # --- reasoning_gym -----------------------------------------------------------------------------------
@@ -77,23 +70,21 @@ def test_binarize_removes_partial_credit(chain_sum_prompts):
     text = f"{p.answer} apples"
     raw = get_reward("reasoning_gym")(text, p)
     assert 0.0 < raw < 1.0  # chain_sum's score_answer: len(answer) / len(text) when it merely contains it
-    assert _scorer(binarize=False).score(text, p) == pytest.approx(raw)
-    assert _scorer(binarize=True).score(text, p) == 0.0
-    assert _scorer(binarize=True).score(str(p.answer), p) == 1.0
+    assert _score(text, p, binarize=False) == pytest.approx(raw)
+    assert _score(text, p, binarize=True) == 0.0
+    assert _score(str(p.answer), p, binarize=True) == 1.0
 
 
 # --- math ----------------------------------------------------------------------------------------------
 
-def test_math_reward_in_the_scorer_thread():
-    scorer = _scorer("math")
+def test_math_reward_off_the_main_thread():
     half = Prompt("m/0", [], text="What is 1/2 as a decimal?", answer="0.5")
-    assert scorer.score("So the result is \\boxed{1/2}.", half) == 1.0
-    assert scorer.score("So the result is \\boxed{2/3}.", half) == 0.0
     frac = Prompt("m/1", [], text="x", answer="\\frac{3}{4}")
-    assert scorer.score("The answer is $0.75$", frac) == 1.0
-    # math-verify's signal timeouts would raise in a worker thread; they are off, so nothing errored.
-    assert scorer.stats()["errors"] == 0 and scorer.stats()["timeouts"] == 0
-    assert _scorer(fn=thread_name_reward).score("", half) == 1.0  # the scorer really uses a worker thread
+    cases = [("So the result is \\boxed{1/2}.", half), ("So the result is \\boxed{2/3}.", half),
+             ("The answer is $0.75$", frac)]
+    # math-verify's signal timeouts would raise outside the main thread; they are off, so nothing raises.
+    with ThreadPoolExecutor(1) as pool:
+        assert list(pool.map(lambda case: _score(*case, name="math"), cases)) == [1.0, 0.0, 1.0]
 
 
 # --- code ----------------------------------------------------------------------------------------------
@@ -130,11 +121,9 @@ def test_code_reward_pass_fail_partial(code_fn):
 
 
 def test_code_reward_kills_infinite_loop(code_fn):
-    scorer = _scorer("code", timeout_s=30.0, fn=code_fn)
     t0 = time.monotonic()
-    assert scorer.score("while True:\n    pass\n", _code_prompt(ADD_TESTS[:1], time_limit_s=1)) == 0.0
-    assert time.monotonic() - t0 < 5.0  # CPU limit 1 s (SIGKILL), wall limit 3 s
-    assert scorer.stats()["timeouts"] == 0  # the sandbox's own limit, not the scorer's
+    assert code_fn("while True:\n    pass\n", _code_prompt(ADD_TESTS[:1], time_limit_s=1)) == 0.0
+    assert time.monotonic() - t0 < 5.0  # CPU limit 1 s (SIGKILL), wall limit 3 s: the sandbox's own limit
 
 
 def test_code_reward_memory_limit(code_fn):
@@ -151,7 +140,7 @@ def test_dotted_paths():
     assert get_reward("tests.unit.test_rewards:exact_reward") is exact_reward
     assert get_reward("tests.unit.test_rewards.exact_reward") is exact_reward
     p = Prompt("p", [], answer="5")
-    assert _scorer("tests.unit.test_rewards:exact_reward").score(" 5 ", p) == 1.0
+    assert _score(" 5 ", p, name="tests.unit.test_rewards:exact_reward") == 1.0
 
 
 def test_unknown_names():
@@ -176,21 +165,7 @@ def test_register_reward():
         register_reward("test_constant_reward")(exact_reward)
 
 
-def test_scorer_counts_errors_and_non_finite():
+def test_validate_score_refuses_non_scores():
     p = Prompt("p", [], answer="1")
-    scorer = _scorer("tests.unit.test_rewards:raising_reward")
-    assert scorer.score("x", p) == 0.0
-    assert scorer.score("x", p) == 0.0
-    assert scorer.stats()["errors"] == 2 and scorer.stats()["calls"] == 2
-    nan = _scorer("tests.unit.test_rewards:nan_reward", binarize=False)
-    assert nan.score("x", p) == 0.0 and nan.stats()["errors"] == 1
-
-
-def test_scorer_times_out():
-    p = Prompt("p", [], answer="1")
-    scorer = _scorer("tests.unit.test_rewards:sleeping_reward", timeout_s=0.2)
-    t0 = time.monotonic()
-    assert scorer.score("x", p) == 0.0
-    assert time.monotonic() - t0 < 1.5
-    stats = scorer.stats()
-    assert stats["timeouts"] == 1 and stats["errors"] == 0 and stats["hung"] == 1
+    with pytest.raises(ValueError, match="non-finite"):
+        _score("x", p, name="tests.unit.test_rewards:nan_reward", binarize=False)

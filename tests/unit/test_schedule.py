@@ -76,11 +76,12 @@ def test_orders_depend_only_on_the_step():
     assert [o.index for o in deal[0]] == [0, 2, 4] and [o.index for o in deal[1]] == [1, 3, 5]
     assert a.delivered(("train", 1)) and not a.delivered(("train", 1))
     assert a.release(1) == 2 and [o.index for o in a.unassigned()] == [3, 5]
-    # Eval orders share the book: dealt after training orders, same seed for a prompt at every version.
-    a.plan_eval(version=1, num_prompts=3)
-    assert [(o.split, o.index) for o in a.unassigned()] == [("train", 3), ("train", 5), ("eval", 0), ("eval", 1),
-                                                             ("eval", 2)]
+    # Eval orders share the book (their ranks among training orders: test_evaluation.py), same seed for a
+    # prompt at every version.
+    a.plan_eval(version=1, split="eval", num_prompts=3)
+    assert [(o.split, o.index) for o in a.unassigned()] == [("eval", 0), ("eval", 1), ("eval", 2), ("train", 3),
+                                                             ("train", 5)]
     assert a.open_evals() == 3
-    b.plan_eval(version=4, num_prompts=3)
+    b.plan_eval(version=4, split="eval", num_prompts=3)
     assert [b.open[("eval", i)].seed for i in range(3)] == [a.open[("eval", i)].seed for i in range(3)]
     assert len({a.open[("eval", i)].seed for i in range(3)}) == 3
