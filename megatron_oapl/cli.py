@@ -2,7 +2,7 @@
 
     oapl config show configs/tiny.yaml [key=value ...]   print the resolved config with field docs
     oapl train configs/tiny.yaml [key=value ...]         the main job (learners + fleet on this machine)
-    oapl eval configs/tiny.yaml --model DIR              pass@k of an HF model directory
+    oapl eval configs/tiny.yaml --model DIR              pass@k of an HF model directory on each eval set
     oapl plan CONFIG [key=value ...] --gpu-memory-gb 80  per-GPU memory of learners and engines
     oapl convert megatron-to-hf | hf-to-megatron ...     checkpoint conversion (see its --help)
     oapl launch slurm CONFIG [options]                   heterogeneous SLURM job (see docs/cluster.md)
@@ -143,38 +143,48 @@ def _train(args) -> int:
             check_run_data(cfg)
             train(to_dict(cfg))
         return 0
-    from megatron_oapl.evaluation import evaluate, format_table, write_reports
+    from megatron_oapl.evaluation import evaluate, format_table, train_reports, write_reports
     from megatron_oapl.launcher import spawn_learners
+    from megatron_oapl.procs import forked_children_die_with_this_process
 
+    forked_children_die_with_this_process()  # what a reward or library forks here ends with `oapl train`
     with RunLock(run_dir):  # refuses a second `oapl train` on this run directory
         # Everything the ranks and engines will read, read here first: a bad record costs seconds.
         print(f"[oapl] {check_run_data(cfg)}", flush=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg, docs=True))
+        # The fleet's engines (fleet.engine, its TP, dtype, device) on the initial and final weights.
         before = evaluate(cfg, cfg.model.hf_path, progress=True)
-        print(f"before training: pass@1 {before.pass_at_k[1]:.3f} ± {before.stderr[1]:.3f}", flush=True)
+        for name, report in before.items():
+            print(f"before training: {name} pass@1 {report.pass_at_k[1]:.3f} ± {report.stderr[1]:.3f}", flush=True)
         end = spawn_learners(cfg)
         if end.stop_signal is not None or not (run_dir / "hf").is_dir():
             return _stopped(run_dir, end)
         after = evaluate(cfg, str(run_dir / "hf"), progress=True)
-    reports = {"before": before, "after": after}
+    reports = train_reports(before, after)  # "before"/"after": the first set; "<set>/before"...: the others
     write_reports(run_dir / "eval", reports)
     print(format_table(reports))
     print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}  |  final model: {run_dir / 'hf'}")
-    print(_summary_line(before, after))
+    for name in list(before)[1:]:
+        print(f"{name}: {_summary_line(before[name], after[name])}")
+    first = next(iter(before))
+    print(_summary_line(before[first], after[first]))
     return 0
 
 
 def _eval(args) -> int:
     from pathlib import Path
 
-    from megatron_oapl.evaluation import evaluate, format_table, write_reports
+    from megatron_oapl.evaluation import evaluate, format_sets_table, write_reports
 
     cfg = _load(args, hf_path=args.model)
-    report = evaluate(cfg, cfg.model.hf_path, progress=True)
-    out = write_reports(Path(args.out or Path(cfg.run_dir) / "eval"), {"model": report})
-    print(format_table({"model": report}))
+    print(f"[oapl] evaluating {cfg.model.hf_path} with fleet.engine={cfg.fleet.engine} "
+          f"({cfg.fleet.num_engines} engine(s))", flush=True)
+    reports = evaluate(cfg, cfg.model.hf_path, progress=True)  # by eval set
+    out = write_reports(Path(args.out or Path(cfg.run_dir) / "eval"), reports)
+    print(format_sets_table(reports))
     print(f"report: {out / 'eval.json'}, plot: {out / 'pass_at_k.png'}")
-    print(f"pass@1: {report.pass_at_k[1]:.3f} ± {report.stderr[1]:.3f}")
+    first = next(iter(reports.values()))
+    print(f"pass@1: {first.pass_at_k[1]:.3f} ± {first.stderr[1]:.3f}")
     return 0
 
 
@@ -232,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_memory_check_arguments(train)
     train.set_defaults(func=_train)
 
-    ev = sub.add_parser("eval", help="pass@k (k = 1..n) of an HF model directory on the held-out prompts")
-    ev.add_argument("config", help="YAML run config (data, rewards, eval sections are used)")
+    ev = sub.add_parser("eval", help="pass@k (k = 1..n) and avg@n of an HF model directory on each eval set, "
+                        "sampled by the fleet's engines (fleet.engine)")
+    ev.add_argument("config", help="YAML run config (data, rewards, fleet, eval sections are used)")
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.num_samples=16")
     ev.add_argument("--model", help="HF model directory (default: model.hf_path)")
     ev.add_argument("--out", help="report directory (default: RUN_DIR/eval)")

@@ -393,6 +393,11 @@ class EvalConfig:
     """n completions per eval prompt (pass@k for k <= n)."""
     temperature: float = 1.0
     """Sampling temperature for evaluation."""
+    sets: dict[str, Any] = field(default_factory=dict)
+    """Named eval sets, each {source: reasoning_gym (task, task_kwargs) | file (path: .jsonl/.parquet, the
+    records of data.source=jsonl), num_eval_prompts (default data.num_eval_prompts), num_samples (default
+    eval.num_samples)}, scored by rewards.name; TensorBoard eval/<set>/pass@k and avg@k. Empty: one set,
+    the data section's held-out prompts (eval/pass@k)."""
 
 
 @dataclass
@@ -753,6 +758,37 @@ _BOUND_TESTS: dict[str, typing.Callable[[float], bool]] = {
 }
 
 
+EVAL_SET_SOURCES = ("reasoning_gym", "file")
+_EVAL_SET_KEYS = {"source", "task", "task_kwargs", "path", "num_eval_prompts", "num_samples"}
+
+
+def _eval_set_errors(sets: Any) -> list[str]:
+    """eval.sets: a mapping of set names to sources (the files themselves are read before the run starts)."""
+    if not isinstance(sets, dict):
+        return [f"eval.sets={sets!r} must be a mapping of set names to sources"]
+    errors = []
+    for name, spec in sets.items():
+        where = f"eval.sets.{name}"
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            errors.append(f"{where}: the set name must be letters, digits, '_' or '-'")
+        elif not isinstance(spec, dict):
+            errors.append(f"{where}={spec!r} must be a mapping with a 'source'")
+        elif spec.get("source") not in EVAL_SET_SOURCES:
+            errors.append(f"{where}.source={spec.get('source')!r} is not a known source "
+                          f"(allowed: {', '.join(EVAL_SET_SOURCES)})")
+        elif set(spec) - _EVAL_SET_KEYS:
+            errors.append(f"{where} has unknown key(s) {sorted(set(spec) - _EVAL_SET_KEYS)} "
+                          f"(allowed: {', '.join(sorted(_EVAL_SET_KEYS))})")
+        elif spec["source"] == "file" and not spec.get("path"):
+            errors.append(f"{where}.path is required with source=file (a .jsonl or .parquet file)")
+        else:
+            for key in ("num_eval_prompts", "num_samples"):
+                value = spec.get(key, 1)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    errors.append(f"{where}.{key}={value!r} must be an integer >= 1")
+    return errors
+
+
 def _batch_split_errors(cfg: RunConfig, dp: int) -> list[str]:
     """Each DP rank must get the same whole number of groups, in whole micro-batches."""
     groups = cfg.fleet.prompts_per_step
@@ -845,6 +881,7 @@ def validate(cfg: RunConfig, check_hardware: bool = True) -> None:
     if cfg.lag.mode == "offline" and not cfg.lag.offline_dataset:
         errors.append("lag.offline_dataset=null must be set when lag.mode='offline' "
                       "(allowed: a JSONL rollout dataset written by `oapl generate`)")
+    errors.extend(_eval_set_errors(cfg.eval.sets))
     if cfg.lag.mode == "offline" and cfg.eval.every:
         errors.append(f"eval.every={cfg.eval.every} needs the fleet, and lag.mode='offline' runs none "
                       "(allowed: 0; `oapl train` still evaluates before and after, `oapl eval` any HF directory)")

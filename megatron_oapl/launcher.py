@@ -48,20 +48,29 @@ class RankFailed(RuntimeError):
         self.user_error = user_error
 
 
-# Exceptions that are the user's to fix (config, data, tokenizer, run directory, damaged checkpoints):
+# Exceptions that are the user's to fix (config, data, tokenizer, run directory, damaged checkpoints, a
+# full disk or missing permissions):
 # reported as one `error:` line, exit code 2, no traceback.
 _USER_ERRORS = (("megatron_oapl.config", "ConfigError"), ("megatron_oapl.data.prompts", "DataError"),
                 ("megatron_oapl.data.tokenizer", "TokenizerError"), ("megatron_oapl.run_lock", "RunLocked"),
-                ("megatron_oapl.checkpoint.run_checkpoint", "CheckpointRefused"))
+                ("megatron_oapl.checkpoint.run_checkpoint", "CheckpointRefused"),
+                ("megatron_oapl.disk", "StorageError"))
+
+
+# Failures whose message says all (what happened, what was kept, what to do): one line, no traceback,
+# though not the user's mistake (exit code 1).
+_ONE_LINE_ERRORS = (("megatron_oapl.rollout.fleet", "FleetGaveUp"),)
+
+
+def _is_one_of(err: BaseException, names) -> bool:
+    # Only modules already imported can have raised: looking them up costs nothing.
+    return isinstance(err, tuple(getattr(sys.modules[mod], name) for mod, name in names if mod in sys.modules))
 
 
 def is_user_error(err: BaseException) -> bool:
     if isinstance(err, RankFailed):
         return err.user_error
-    # Only modules already imported can have raised: looking them up costs nothing (no torch import
-    # just to classify an error).
-    types = tuple(getattr(sys.modules[mod], name) for mod, name in _USER_ERRORS if mod in sys.modules)
-    return isinstance(err, types)
+    return _is_one_of(err, _USER_ERRORS)  # (no torch import just to classify an error)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,12 +78,12 @@ def is_user_error(err: BaseException) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def _rank_main(rank: int, world_size: int, port: int, report_dir: str, fn, args: tuple) -> None:
+def _rank_main(rank: int, world_size: int, port: int, report_dir: str, fn, args: tuple, launcher_pid: int) -> None:
     # The terminal's Ctrl-C reaches the whole process group: the launcher turns it into a SIGTERM
     # (checkpoint, exit) instead of a KeyboardInterrupt in the middle of a collective. Children of this
     # rank (engines) inherit the ignore.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent()
+    die_with_parent(launcher_pid)  # and so does whatever this rank forks (Megatron's checkpoint writers)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     from megatron_oapl.log_setup import setup_logging
@@ -86,7 +95,8 @@ def _rank_main(rank: int, world_size: int, port: int, report_dir: str, fn, args:
     except BaseException as err:  # noqa: BLE001 - reported to the launcher, which decides what to show
         report.write_text(json.dumps({
             "rank": rank, "time": time.time(), "type": type(err).__name__, "message": str(err),
-            "user_error": is_user_error(err), "traceback": traceback.format_exc()}))
+            "user_error": is_user_error(err), "one_line": _is_one_of(err, _ONE_LINE_ERRORS),
+            "traceback": traceback.format_exc()}))
         sys.exit(1)
     # The stop signal the training loop's handler got (its module is loaded if one was installed).
     checkpoints = sys.modules.get("megatron_oapl.checkpoint.run_checkpoint")
@@ -172,7 +182,7 @@ def run_ranks(fn, world_size: int, args: tuple = (), pid_dir: str | Path | None 
     port = _free_port()
     pid_files = [Path(pid_dir) / f"rank-{rank}.pid" for rank in range(world_size)] if pid_dir else []
     with tempfile.TemporaryDirectory(prefix="oapl-ranks-") as report_dir, _SignalForwarder() as forwarder:
-        procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, report_dir, fn, args),
+        procs = [ctx.Process(target=_rank_main, args=(rank, world_size, port, report_dir, fn, args, os.getpid()),
                              name=f"oapl-rank-{rank}") for rank in range(world_size)]
         # Started with SIGINT ignored, which the ranks inherit (a Ctrl-C while a rank is still importing
         # must not interrupt it either); the forwarder takes SIGINT again right after.
@@ -246,8 +256,8 @@ def _first_failure(procs: list, reports: dict) -> RankFailed | None:
 
 
 def _rank_failed(report: dict, errors: list[dict]) -> RankFailed:
-    if report["user_error"]:
-        return RankFailed(report["message"], user_error=True)
+    if report["user_error"] or report.get("one_line"):
+        return RankFailed(report["message"], user_error=report["user_error"])
     print(report["traceback"], file=sys.stderr, end="")
     others = "; ".join(f"rank {r['rank']}: {r['type']}" for r in errors if r is not report)
     return RankFailed(f"rank {report['rank']} failed: {report['type']}: {report['message']}"

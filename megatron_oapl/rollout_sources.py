@@ -20,7 +20,7 @@ import logging
 import time
 
 from megatron_oapl import metrics as M
-from megatron_oapl.evaluation import EvalRound
+from megatron_oapl.evaluation import EvalRound, check_eval_sets, eval_rounds, report_metrics
 from megatron_oapl.rollout.dataset import RolloutDataset
 from megatron_oapl.rollout.fleet import Fleet, FleetStopped
 from megatron_oapl.rollout.orders import OrderBook, PromptSampler, step_orders
@@ -76,9 +76,9 @@ class FleetRollouts:
         self.orders = OrderBook(sampler, cfg.seed, cfg.fleet.prompts_per_step, schedule.sync_every,
                                 start_step, start_position)
         self.buffer = VersionedBuffer(schedule)
-        # eval.every > 0: the fleet evaluates pushed versions (one eval order per held-out prompt).
-        self.eval_prompts = len(load_prompts(cfg.data, "eval")) if cfg.eval.every else 0
-        self.eval_round: EvalRound | None = None
+        # eval.every > 0: the fleet evaluates pushed versions (one eval order per prompt of each eval set).
+        self.eval_counts = check_eval_sets(cfg) if cfg.eval.every else {}  # split -> prompts
+        self.eval_rounds: dict[str, EvalRound] = {}  # the pending evaluation, by split
         self.last_pass_at_1: float | None = None
         self.resyncs = 0
         self.reward_errors = self.reward_timeouts = 0  # over every group received (train and eval)
@@ -87,6 +87,8 @@ class FleetRollouts:
         self.store_port = self.store.port
         self.fleet = Fleet(cfg, cfg_dict, cfg.model.hf_path)
         self.fleet.should_stop = lambda: bool(stop)
+        self.waiting_for = start_step  # the step whose rollouts are awaited: where a restart is logged
+        self.fleet.on_restart = self._log_restart
         try:
             if cfg.fleet.external:  # fleet nodes elsewhere find the channels and the weight store here
                 self.fleet.publish((sync.master_addr, self.store.port))
@@ -102,9 +104,10 @@ class FleetRollouts:
         meanwhile (a preempted job's fleet may be going down with it: waiting on it, or restarting its
         engines, would outlast the grace period before SIGKILL). Before the step that ends a lag round, and
         with step None, the pending evaluation must be complete too: the next push replaces the weights it
-        samples."""
+        samples (its orders are ranked before that step's, so this waits only for stragglers)."""
         if step is not None:
             self.orders.plan_round(step, version)
+            self.waiting_for = step
         finish_eval = step is None or self.schedule.sync_after(step)
         start, warn_at = time.monotonic(), self.STALL_WARNING_S
         while True:
@@ -122,23 +125,30 @@ class FleetRollouts:
                 return {"resync": stale, "receivers": self.fleet.weight_ranks(stale)}
             for group in arrived:
                 self._received(group)
-            if finish_eval and self.eval_round is not None:
+            if finish_eval and self.eval_rounds:
                 continue
             groups = [] if step is None else self.buffer.take(self.orders.indices(step))
             if groups is not None:
                 return {"groups": groups}
 
+    def _log_restart(self, total: int) -> None:
+        # When it happens: an engine that dies while starting, or before the run gives up, still shows.
+        self.writer.scalars({M.ENGINE_RESTARTS: total}, self.waiting_for)
+        self.writer.flush()
+
     def _warn_stalled(self, step: int | None, version: int, waited: float) -> None:
         wanted = [] if step is None else self.orders.indices(step)
         have = sum(i in self.buffer.groups for i in wanted)
-        evals = "" if self.eval_round is None else f", evaluation of version {self.eval_round.version} pending"
+        evals = "" if not self.eval_rounds else (
+            f", evaluation of version {next(iter(self.eval_rounds.values())).version} pending: "
+            + ", ".join(f"{r.name} {len(r.correct)}/{r.num_prompts}" for r in self.eval_rounds.values()))
         log.warning("waiting %.0f s for rollouts of step %s (version %d): %d of %d groups in%s; engines alive: %s",
                     waited, step, version, have, len(wanted), evals, self.fleet.ready_engines())
 
     def _received(self, group: RolloutGroup) -> None:
         self.reward_errors += group.reward_errors
         self.reward_timeouts += group.reward_timeouts
-        if group.split == "eval":
+        if group.split != "train":
             self._eval_group(group)
         elif self.buffer.add(group):
             self.orders.delivered(("train", group.order_index))
@@ -146,21 +156,27 @@ class FleetRollouts:
     # ------------------------------------------------------------------------------------ evaluation
 
     def start_eval(self, version: int, step: int) -> None:
-        """Have the fleet evaluate `version` (pushed after `step`; 0: the initial weights)."""
-        if self.eval_prompts:
-            self.orders.plan_eval(version, self.eval_prompts)
-            self.eval_round = EvalRound(version, step, self.eval_prompts, self.cfg.eval.num_samples)
+        """Have the fleet evaluate `version` (pushed after `step`; 0: the initial weights) on every eval set:
+        its orders are dealt now, ranked between the coming round's training orders."""
+        if self.eval_counts:
+            for split, n in self.eval_counts.items():
+                self.orders.plan_eval(version, split, n, after_step=step)
+            self.eval_rounds = eval_rounds(self.cfg, self.eval_counts, version, step)
 
     def _eval_group(self, group: RolloutGroup) -> None:
-        if self.eval_round is None or group.policy_version != self.eval_round.version:
-            raise RuntimeError(f"eval group of version {group.policy_version} for prompt {group.order_index}, but "
-                               f"the pending evaluation is {self.eval_round}: an eval order outlived its version")
-        if self.orders.delivered(("eval", group.order_index)):
-            self.eval_round.add(group)
-        if self.eval_round.done:
-            report = self.eval_round.report()
-            self.writer.scalars({M.pass_at(k): v for k, v in report.pass_at_k.items()}, self.eval_round.step)
-            self.last_pass_at_1, self.eval_round = report.pass_at_k[1], None
+        pending = self.eval_rounds.get(group.split)
+        if pending is None or group.policy_version != pending.version:
+            raise RuntimeError(f"{group.split} group of version {group.policy_version} for prompt "
+                               f"{group.order_index}, but the pending evaluation is {pending}: an eval order "
+                               "outlived its version")
+        if self.orders.delivered((group.split, group.order_index)):
+            pending.add(group)
+        if pending.done:  # logged at the step of its push, whatever set finishes first
+            report = pending.report()
+            self.writer.scalars(report_metrics(report, pending.name), pending.step)
+            del self.eval_rounds[group.split]
+            if group.split == next(iter(self.eval_counts)):  # the first set feeds the progress line
+                self.last_pass_at_1 = report.pass_at_k[1]
 
     # ------------------------------------------------------------------------------------ pushes
 

@@ -40,7 +40,7 @@ from megatron_oapl.learner.model import build_model, build_policy
 from megatron_oapl.learner.step import NonFiniteGuard, forward_logprobs, train_step
 from megatron_oapl.models.hf_config import resolve_model
 from megatron_oapl.models.hf_mapping import HFMapping
-from megatron_oapl.rollout.fleet import FleetStopped
+from megatron_oapl.rollout.fleet import FleetGaveUp, FleetStopped
 from megatron_oapl.rollout.orders import step_orders
 from megatron_oapl.rollout_sources import DatasetRollouts, FleetRollouts
 from megatron_oapl.schedule import LagSchedule
@@ -113,6 +113,8 @@ class Coordinator:
         start = time.perf_counter()
         try:
             message = self.source.next_message(step, version)
+        except FleetGaveUp as err:  # every rank saves the last finished step, then the run ends
+            message = {"gave_up": str(err)}
         finally:
             waited = time.perf_counter() - start
             self.wait_seconds += waited
@@ -409,6 +411,8 @@ class TrainLoop:
             message = self.rollouts.next_message(step, self.version)
             if "stop" in message:
                 return None
+            if "gave_up" in message:
+                self.give_up(message["gave_up"], step)
             if "groups" in message:
                 return message["groups"]
             # Re-syncs resend the last push (the learner has moved on since); before the first push of
@@ -436,6 +440,15 @@ class TrainLoop:
         self.rollouts.request_sync(engines, self.version, rdvs)
         push(self.policy, self.ctx, rdvs, self.version, self.sync, fresh, check_peers=self.rollouts.peer_check(engines))
         self.rollouts.finish_sync(engines, self.version)
+
+    def give_up(self, reason: str, step: int | None) -> None:
+        """The fleet exhausted its restarts: the learners are healthy, so their last finished step is saved
+        before the run ends with one line (collective: every rank got the same message)."""
+        done = self.cfg.optim.train_steps if step is None else step - 1
+        if done > self.last_saved:
+            self.save(done)
+        kept = (f"the learners checkpointed step {self.last_saved}" if self.last_saved else "no step was trained")
+        raise FleetGaveUp(f"{reason}: {kept}; run the same command again to resume once the engines can run")
 
     def save(self, done: int) -> None:  # collective
         cfg = self.cfg

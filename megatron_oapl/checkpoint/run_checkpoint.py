@@ -46,10 +46,12 @@ three fixes to load at all and correctly; see `_distributed_optimizer_load_fixes
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import queue
 import random
 import re
 import shutil
@@ -61,6 +63,9 @@ from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
+
+from megatron_oapl.disk import StorageError, free_bytes, storage_cause
+from megatron_oapl.procs import forked_children_die_with_this_process
 
 log = logging.getLogger("oapl.checkpoint")
 
@@ -527,6 +532,24 @@ def _size_problem(ckpt_dir: Path, entries: list[dict]) -> str | None:
 # --------------------------------------------------------------------------------------------------
 
 
+def _write_meta(tmp: Path, step: int, ctx, optimizer, scheduler, with_optimizer: bool, with_scheduler: bool,
+                state_json: str, config: Any) -> None:
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "saved_at": time.time(),
+        "layout": _layout(ctx),
+        "contents": ["model"] + (["optimizer"] if with_optimizer else [])
+        + (["scheduler"] if with_scheduler else []) + ["rng"],
+        "optimizer_kind": _optimizer_kind(optimizer) if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if with_scheduler else None,
+        "state": json.loads(state_json),
+    }
+    write_atomic(tmp / META, json.dumps(meta, indent=2, sort_keys=True))
+    if config is not None:
+        write_atomic(tmp / CONFIG, _config_yaml(config))
+
+
 def save_checkpoint(final: str | Path, step: int, policy, ctx, state: dict | None = None, *, config: Any = None,
                     include_optimizer: bool = True, on_complete=None) -> Path:
     """Write one checkpoint directory `final` atomically (via `tmp-<name>` beside it). Collective.
@@ -547,10 +570,11 @@ def save_checkpoint(final: str | Path, step: int, policy, ctx, state: dict | Non
     started = time.perf_counter()
     rank = _rank()
     if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # leftover of an interrupted save of the same step
-        (tmp / DIST).mkdir(parents=True)
-        (tmp / RNG).mkdir()
+        with _storage_errors_named(f"saving checkpoint {final.name}", tmp, final.parent):
+            if tmp.exists():
+                shutil.rmtree(tmp)  # leftover of an interrupted save of the same step
+            (tmp / DIST).mkdir(parents=True)
+            (tmp / RNG).mkdir()
     _barrier()
 
     optimizer = getattr(policy, "optimizer", None)
@@ -562,24 +586,12 @@ def save_checkpoint(final: str | Path, step: int, policy, ctx, state: dict | Non
     sharded = model_sharded_state_dict(policy.model)
     if with_optimizer:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=False, metadata=_optimizer_metadata())
-    dist_checkpointing.save(sharded, str(tmp / DIST))
-
-    torch.save(_rng_state(), tmp / RNG / f"rank_{rank:05d}.pt")
-    if rank == 0:
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "saved_at": time.time(),
-            "layout": _layout(ctx),
-            "contents": ["model"] + (["optimizer"] if with_optimizer else [])
-            + (["scheduler"] if with_scheduler else []) + ["rng"],
-            "optimizer_kind": _optimizer_kind(optimizer) if optimizer is not None else None,
-            "scheduler": scheduler.state_dict() if with_scheduler else None,
-            "state": json.loads(state_json),
-        }
-        write_atomic(tmp / META, json.dumps(meta, indent=2, sort_keys=True))
-        if config is not None:
-            write_atomic(tmp / CONFIG, _config_yaml(config))
+    _writers_die_with_this_rank()
+    with _storage_errors_named(f"saving checkpoint {final.name}", tmp, final.parent):
+        dist_checkpointing.save(sharded, str(tmp / DIST))
+        torch.save(_rng_state(), tmp / RNG / f"rank_{rank:05d}.pt")
+        if rank == 0:
+            _write_meta(tmp, step, ctx, optimizer, scheduler, with_optimizer, with_scheduler, state_json, config)
     # Every rank's files are on disk before the manifest is taken.
     _barrier()
     files = _broadcast(_listed_files(tmp) if rank == 0 else None)
@@ -600,13 +612,64 @@ def save_checkpoint(final: str | Path, step: int, policy, ctx, state: dict | Non
             if on_complete is not None:
                 on_complete(final)
         except Exception as err:  # noqa: BLE001 - every rank must learn about it, not just rank 0
-            error = f"{type(err).__name__}: {err}"
+            cause = storage_cause(err)
+            error = (("storage", str(StorageError.from_os_error(cause, f"saving checkpoint {final.name}", tmp,
+                                                                 _previous_size(final.parent))))
+                     if cause is not None else ("other", f"{type(err).__name__}: {err}"))
     error = _broadcast(error)
     if error:
-        raise RuntimeError(f"saving checkpoint {final} failed on rank 0: {error}")
+        kind, text = error
+        if kind == "storage":
+            raise StorageError(text)
+        raise RuntimeError(f"saving checkpoint {final} failed on rank 0: {text}")
     if rank == 0:
         log.info("saved checkpoint %s in %.1f s", final, time.perf_counter() - started)
     return final
+
+
+def _writers_die_with_this_rank() -> None:
+    """Megatron's filesystem writer forks one writer process per file and collects their results through
+    a queue served by a `spawn` Manager process, which it starts on the first save and never stops: a
+    rank killed with SIGKILL left that process (and multiprocessing's resource tracker) running forever.
+    Saves here are synchronous, so the queue is filled and read in this very process: an in-process
+    queue does the same without a process. The forked writers die with this rank (procs.py)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    forked_children_die_with_this_process()
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+def _previous_size(ckpt_root: Path) -> int | None:
+    """Bytes of the newest complete checkpoint (from its manifest): what the next one will need, about."""
+    for ckpt in list_checkpoints(ckpt_root):
+        try:
+            return sum(int(entry["size"]) for entry in read_manifest(ckpt)["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+@contextlib.contextmanager
+def _storage_errors_named(action: str, path: Path, ckpt_root: Path):
+    """A write that failed for lack of space or permission becomes one StorageError line naming the path
+    (and the size of the last checkpoint, about what this one needs), whatever wrapped it (Megatron's
+    CheckpointException carries no message). The partial `tmp-` directory is never promoted."""
+    try:
+        yield
+    except BaseException as err:  # torch's CheckpointException is a BaseException
+        interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
+        cause = None if interrupted else storage_cause(err) or _disk_full_now(path)
+        if cause is None:
+            raise
+        raise StorageError.from_os_error(cause, action, path, _previous_size(ckpt_root)) from None
+
+
+def _disk_full_now(path: Path) -> OSError | None:
+    # Megatron's forked writers report their error only in a log line (their exception does not always
+    # reach the caller), so when a write failed on a filesystem with no space left, that is the cause.
+    free = free_bytes(path)
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) if free is not None and free < (1 << 20) else None
 
 
 def load_model_weights(model_chunks: list, ckpt_dir: str | Path) -> dict:

@@ -7,6 +7,8 @@ costs seconds and one `error:` line naming the file and line, not a crash deep i
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from .prompts import DataError, load_prompts
@@ -37,12 +39,23 @@ def check_run_data(cfg: Any) -> str:
     if cfg.lag.mode == "offline":
         from megatron_oapl.rollout.dataset import RolloutDataset
 
-        try:  # its index and first line: each other line is checked when a step reads it
-            groups = RolloutDataset(cfg.lag.offline_dataset, cfg.fleet)
+        try:  # every line, streamed: a wrong type there would otherwise end a rank mid-run
+            groups = RolloutDataset(cfg.lag.offline_dataset, cfg.fleet, _model_vocab_size(cfg, tokenizer))
+            groups.check_every_line()
         except (OSError, ValueError) as err:  # its errors name the file and line already
             raise DataError(str(err)) from None
         summary += f", {len(groups)} offline rollout groups"
     return summary
+
+
+def _model_vocab_size(cfg: Any, tokenizer) -> int:
+    """The rows of the model's embedding (what a sampled token id indexes): config.json's vocab_size at
+    model.hf_path, else the tokenizer's length."""
+    config = Path(cfg.model.hf_path) / "config.json"
+    try:
+        return int(json.loads(config.read_text())["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return len(tokenizer)
 
 
 def _check_token_budget(cfg: Any, prompts) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -96,14 +97,16 @@ def _order_of(line: bytes, where: str) -> int:
         raise ValueError(f"{where}: not a rollout group ({err})") from err
 
 
-def parse_group(line: bytes | str, where: str, fleet_cfg, order: int | None = None) -> RolloutGroup:
-    """One line as a group, checked against the run's sampling settings (`fleet_cfg`): the learner computes
-    log-probs at fleet.temperature and OAPL's V_hat needs groups of fleet.group_size."""
+def parse_group(line: bytes | str, where: str, fleet_cfg, order: int | None = None,
+                vocab_size: int | None = None) -> RolloutGroup:
+    """One line as a group, checked field by field (`check_group`) and against the run's sampling settings
+    (`fleet_cfg`): the learner computes log-probs at fleet.temperature and OAPL's V_hat needs groups of
+    fleet.group_size."""
     try:
         raw = json.loads(line)
         samples = [Sample(**s) for s in raw.pop("samples")]
         group = RolloutGroup(prompt=Prompt(**raw.pop("prompt")), samples=samples, **raw)
-    except (json.JSONDecodeError, TypeError, KeyError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, AttributeError) as err:
         raise ValueError(f"{where}: not a rollout group ({err})") from err
     expected = {"temperature": fleet_cfg.temperature, "top_p": fleet_cfg.top_p, "group size": fleet_cfg.group_size}
     found = {"temperature": group.temperature, "top_p": group.top_p, "group size": len(group.samples)}
@@ -114,16 +117,57 @@ def parse_group(line: bytes | str, where: str, fleet_cfg, order: int | None = No
             field = "the line's place in the index" if key == "order_index" else f"fleet.{key.replace(' ', '_')}"
             raise ValueError(f"{where}: {key} {found[key]} != {want} ({field}): the dataset was not "
                              "sampled with this run's settings")
+    check_group(group, where, vocab_size)
     return group
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_token_ids(ids, field: str, where: str, vocab_size: int | None) -> None:
+    allowed = f"ints in [0, {vocab_size})" if vocab_size else "non-negative ints"
+    if not isinstance(ids, list) or not ids:
+        raise ValueError(f"{where}: {field} must be a non-empty list of token ids ({allowed}), got {ids!r:.60}")
+    for i, token in enumerate(ids):
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0 or (vocab_size and token >= vocab_size):
+            raise ValueError(f"{where}: {field}[{i}] is {token!r:.40} ({type(token).__name__}): token ids must be "
+                             f"{allowed}" + (" (the vocabulary of model.hf_path)" if vocab_size else ""))
+
+
+def check_group(group: RolloutGroup, where: str, vocab_size: int | None = None) -> None:
+    """What the learner relies on, field by field (valid JSON of the wrong type would otherwise fail deep in
+    a rank with no file:line): token ids are ints (in the vocabulary, when `vocab_size` is given), one
+    finite log-prob per completion token, rewards and the sampling settings are numbers."""
+    for name in ("temperature", "top_p"):
+        if not _is_number(getattr(group, name)):
+            raise ValueError(f"{where}: {name} must be a number, got {getattr(group, name)!r:.40}")
+    if not isinstance(group.policy_version, int) or isinstance(group.policy_version, bool):
+        raise ValueError(f"{where}: policy_version must be an int, got {group.policy_version!r:.40}")
+    _check_token_ids(group.prompt.token_ids, "prompt.token_ids", where, vocab_size)
+    for i, sample in enumerate(group.samples):
+        field = f"samples[{i}]"
+        _check_token_ids(sample.token_ids, f"{field}.token_ids", where, vocab_size)
+        logprobs = sample.logprobs
+        if not isinstance(logprobs, list) or len(logprobs) != len(sample.token_ids):
+            got = f"{len(logprobs)} entries" if isinstance(logprobs, list) else f"{logprobs!r:.40}"
+            raise ValueError(f"{where}: {field}.logprobs must be a list of one log-prob per token "
+                             f"({len(sample.token_ids)} tokens), got {got}")
+        bad = next((j for j, x in enumerate(logprobs) if not _is_number(x)), None)
+        if bad is not None:
+            raise ValueError(f"{where}: {field}.logprobs[{bad}] is {logprobs[bad]!r:.40}: log-probs must be finite numbers")
+        if not _is_number(sample.reward):
+            raise ValueError(f"{where}: {field}.reward must be a finite number, got {sample.reward!r:.40}")
 
 
 class RolloutDataset:
     """An offline dataset, streamed: `group(i)` reads and checks the line of order i. Opening it indexes the
     file (orders 0..n-1, each once, no torn last line) and checks its first line against the run's
-    sampling settings; every other line is checked when it is read."""
+    sampling settings; every other line is checked when it is read, or all of them by `check_every_line`
+    (the pre-flight). `vocab_size`: token ids must lie below it (None: not checked)."""
 
-    def __init__(self, path: str | Path, fleet_cfg):
-        self.path, self.fleet_cfg = Path(path), fleet_cfg
+    def __init__(self, path: str | Path, fleet_cfg, vocab_size: int | None = None):
+        self.path, self.fleet_cfg, self.vocab_size = Path(path), fleet_cfg, vocab_size
         if not self.path.is_file():
             raise FileNotFoundError(f"lag.offline_dataset={str(self.path)!r} does not exist (write one with "
                                     "`oapl generate`)")
@@ -152,7 +196,15 @@ class RolloutDataset:
         with self.path.open("rb") as f:
             f.seek(offset)
             line = f.readline()
-        return parse_group(line, f"{self.path}:{line_no}", self.fleet_cfg, order)
+        return parse_group(line, f"{self.path}:{line_no}", self.fleet_cfg, order, self.vocab_size)
+
+    def check_every_line(self) -> None:
+        """Parse and check every line, one at a time (a dataset can be far larger than memory): the first
+        bad one raises ValueError naming file:line and the field. Costs one read of the file."""
+        orders = {line_no: order for order, (_, line_no) in self._lines.items()}
+        with self.path.open("rb") as f:
+            for line_no, line in enumerate(f, 1):
+                parse_group(line, f"{self.path}:{line_no}", self.fleet_cfg, orders[line_no], self.vocab_size)
 
 
 def read_groups(path: str | Path, fleet_cfg) -> list[RolloutGroup]:

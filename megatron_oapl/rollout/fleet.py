@@ -101,10 +101,18 @@ class FleetStopped(Exception):
     """A stop signal arrived while the fleet was waiting for engines to start."""
 
 
+class FleetGaveUp(RuntimeError):
+    """An engine died once more than fleet.max_restarts allows; the message names the engine, its exit code
+    and the limit (one line: the learners save their last finished step and the run ends)."""
+
+
 class Fleet:
     """Coordinator-side handle of the engines: local processes it spawns and restarts, or (with
     fleet.external) engines run by `fleet_node` processes elsewhere that restart their own engines and
     report deaths; both kinds say hello on (re)start and are re-synced before they get orders."""
+
+    # Called with restarts_total at every restart, when it happens (not with the next finished step).
+    on_restart: Callable[[int], None] = staticmethod(lambda total: None)
 
     def __init__(self, cfg, cfg_dict: dict, model_dir: str, host: str = "127.0.0.1"):
         self.cfg, self.cfg_dict, self.model_dir = cfg, cfg_dict, model_dir
@@ -174,6 +182,7 @@ class Fleet:
                 if handle.generation >= 0:  # its fleet node restarted it: weights of version 0 again
                     handle.restarts += 1
                     self.restarts_total += 1
+                    self.on_restart(self.restarts_total)
                     self._restarted_remotely.append(handle.engine_id)
                     log.warning("engine %d is back (generation %d, restarted by its fleet node): re-syncing it",
                                 handle.engine_id, msg.generation)
@@ -203,13 +212,14 @@ class Fleet:
                 continue
             refusal = restart_refusal(self.cfg, engine_id, handle.restarts, handle.process.exitcode)
             if refusal:
-                raise RuntimeError(refusal + (f"; it was killed because it {handle.killed_for}"
-                                              if handle.killed_for else ""))
+                raise FleetGaveUp(refusal + (f"; it was killed because it {handle.killed_for}"
+                                             if handle.killed_for else ""))
             log.warning("engine %d died (exit code %s); restarting", engine_id, handle.process.exitcode)
             new = self._start(engine_id, handle.generation + 1)
             new.restarts = handle.restarts + 1
             self.engines[engine_id] = new
             self.restarts_total += 1
+            self.on_restart(self.restarts_total)
             restarted.append(engine_id)
         return restarted
 

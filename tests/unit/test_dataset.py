@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from megatron_oapl.rollout.dataset import read_groups, write_groups
+from megatron_oapl.rollout.dataset import RolloutDataset, read_groups, write_groups
 from megatron_oapl.rollout.types import Prompt, RolloutGroup, Sample
 
 FLEET = SimpleNamespace(temperature=1.0, top_p=1.0, group_size=2)
@@ -80,3 +80,43 @@ def test_an_unfinished_dataset_is_refused_with_what_to_do(tmp_path):
     assert orders_on_disk(torn, FLEET) == {0, 1, 2}
     assert torn.read_text() == "".join(lines)
     assert [g.order_index for g in read_groups(torn, FLEET)] == [0, 1, 2]
+
+
+def _with_line_2(tmp_path, change):
+    """A 3-group dataset whose second line is valid JSON with `change(record)` applied."""
+    path = write_groups(tmp_path / "d.jsonl", [_group(0), _group(1), _group(2)])
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[1])
+    change(record)
+    lines[1] = json.dumps(record)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r["samples"][1]["token_ids"].__setitem__(1, "7"),
+     r"d.jsonl:2: samples\[1\].token_ids\[1\] is '7' \(str\): token ids must be ints in \[0, 10\)"),
+    (lambda r: r["prompt"]["token_ids"].__setitem__(0, 10),
+     r"d.jsonl:2: prompt.token_ids\[0\] is 10 \(int\): token ids must be ints in \[0, 10\)"),
+    (lambda r: r["samples"][0]["logprobs"].pop(),
+     r"d.jsonl:2: samples\[0\].logprobs must be a list of one log-prob per token \(3 tokens\), got 2 entries"),
+    (lambda r: r["samples"][0]["logprobs"].__setitem__(0, None),
+     r"d.jsonl:2: samples\[0\].logprobs\[0\] is None: log-probs must be finite numbers"),
+    (lambda r: r["samples"][1].__setitem__("reward", "1.0"),
+     r"d.jsonl:2: samples\[1\].reward must be a finite number, got '1.0'"),
+    (lambda r: r.__setitem__("samples", "none"), r"d.jsonl:2: not a rollout group"),
+])
+def test_the_pre_flight_refuses_a_wrong_typed_line_with_file_and_line(tmp_path, change, message):
+    """Valid JSON of the wrong type on a line other than the first: before, only the first line was checked
+    at start and a rank died later with `ValueError: too many dimensions 'str'` and no file:line."""
+    data = RolloutDataset(_with_line_2(tmp_path, change), FLEET, vocab_size=10)  # opening checks line 1 only
+    with pytest.raises(ValueError, match=message):
+        data.check_every_line()
+    with pytest.raises(ValueError, match=message):  # and a step reading it names it too
+        data.group(1)
+
+
+def test_the_pre_flight_passes_a_valid_dataset(tmp_path):
+    data = RolloutDataset(write_groups(tmp_path / "d.jsonl", [_group(0), _group(1)]), FLEET, vocab_size=10)
+    data.check_every_line()
+    assert data.group(1) == _group(1)
