@@ -47,6 +47,16 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
     return out
 
 
+def drain(proc: subprocess.Popen) -> list[str]:
+    """Read a run's output as it comes (into the returned list): a run whose pipe nobody reads blocks in its
+    next log line once the pipe's 64 KiB are full (vLLM engines log a lot)."""
+    import threading
+
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return lines
+
+
 def kill_9_after_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int, deadline: float,
                             only_the_launcher: bool = False) -> None:
     """SIGKILL the whole run (started with start_new_session) once its step-`step` checkpoint is complete:
@@ -63,10 +73,10 @@ def kill_9_after_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int, de
     assert proc.poll() is None, "the run ended before it could be killed"
     if not only_the_launcher:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=60)
+        proc.wait(timeout=60)
         return
     os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+    proc.wait(timeout=60)
     left = session_processes(proc.pid)
     until = time.monotonic() + 30  # the kernel's signals and the ranks' exits take a moment, not more
     while left and time.monotonic() < until:
@@ -246,6 +256,7 @@ def test_vllm_fleet_survives_an_engine_kill_and_a_kill_9_resume(tiny_model, tmp_
     args = ("optim.train_steps=24", "lag.sync_every=2", "fleet.num_engines=2", "fleet.engine=vllm",
             "checkpoint.save_every=8", "checkpoint.keep_last=3", "rewards.num_workers=1")
     proc = oapl_train(tiny_model, run_dir, *args, start_new_session=True)
+    drain(proc)
     try:
         deadline = time.monotonic() + 400
         while proc.poll() is None and time.monotonic() < deadline:
@@ -289,6 +300,7 @@ def test_kill_9_then_resume_continues_the_same_trajectory(tiny_model, tmp_path):
 
     run_dir = tmp_path / "killed"
     proc = oapl_train(tiny_model, run_dir, *args, start_new_session=True)
+    drain(proc)
     try:  # only `oapl train` itself: what it started must end with it (before: Megatron's writer helpers stayed)
         kill_9_after_checkpoint(proc, run_dir, 4, time.monotonic() + 400, only_the_launcher=True)
     finally:
