@@ -16,17 +16,7 @@ from megatron_oapl.learner.distributed import destroy_distributed, init_distribu
 from megatron_oapl.learner.model import build_policy
 from megatron_oapl.learner.step import train_step
 from tests.support.learner_workers import batch_from_dict
-
-
-def _fill(filler: Path) -> None:
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:
-        while True:
-            os.write(fd, b"\0" * 65536)
-    except OSError as err:
-        assert err.errno == errno.ENOSPC, err
-    finally:
-        os.close(fd)
+from tests.support.small_disk import fill_until_full
 
 
 def _inject_enospc_at_the_writer() -> None:
@@ -54,7 +44,7 @@ def save_then_fill_the_disk(cfg_dict: dict, batch_path: str, run_dir: str, disk_
         manager.save(1, policy, ctx, {"step": 1})
         children = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
         if disk_is_tmpfs:
-            _fill(Path(run_dir).parent / "filler")
+            fill_until_full(Path(run_dir).parent / "filler", chunk=65536)
         else:
             _inject_enospc_at_the_writer()
         train_step(policy, batch, cfg, ctx, 2)

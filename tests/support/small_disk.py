@@ -26,14 +26,7 @@ class SmallDisk:
         if not self.mounted:
             self._inject_enospc()
             return run_dir
-        fd = os.open(self.root / "filler", os.O_WRONLY | os.O_CREAT)
-        try:
-            while True:
-                os.write(fd, b"\0" * 4096)
-        except OSError as err:
-            assert err.errno == errno.ENOSPC, err
-        finally:
-            os.close(fd)
+        fill_until_full(self.root / "filler")
         if keep_free:
             os.truncate(self.root / "filler", max(0, os.path.getsize(self.root / "filler") - keep_free))
         return run_dir
@@ -44,6 +37,18 @@ class SmallDisk:
 
         self._monkeypatch.setattr(os, "pwrite", full)
         self._monkeypatch.setattr(os, "write", full)
+
+
+def fill_until_full(filler: Path, chunk: int = 4096) -> None:
+    """Append zeros to `filler` until its filesystem refuses with ENOSPC."""
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * chunk)
+    except OSError as err:
+        assert err.errno == errno.ENOSPC, err
+    finally:
+        os.close(fd)
 
 
 def _try_mount(where: Path, size: str) -> bool:
