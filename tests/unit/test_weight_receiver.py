@@ -17,7 +17,7 @@ from megatron_oapl.rollout.messages import Synced
 from megatron_oapl.rollout.weight_receiver import receive_all_stages
 from megatron_oapl.weights import transport
 from megatron_oapl.weights.sync import stage_rendezvous
-from megatron_oapl.weights.transport import WeightGroup, WeightStoreServer, WeightSyncError, send_weights
+from megatron_oapl.weights.transport import WeightGroup, WeightStoreServer, send_weights
 
 
 def test_a_receiver_out_of_memory_aborts_the_push_for_every_member(monkeypatch):

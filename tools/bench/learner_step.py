@@ -27,7 +27,6 @@ import os
 import statistics
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -81,8 +80,6 @@ def make_longtail_batch(args):
 
 def longtail_main(args, ctx, cfg_dict) -> None:
     """Padded whole-group micro-batches vs packed token-budget ones on the same long-tailed batch."""
-    import torch
-
     from megatron_oapl.config import from_dict
     from megatron_oapl.learner.model import build_policy
     from megatron_oapl.learner.step import train_step
