@@ -12,8 +12,8 @@
 
 What happens, in order (nothing is submitted unless every check passes):
 1. The run config is loaded with the overrides and validated (the login node needs no GPU); relative
-   `run_dir`, `model.hf_path`, `data.path` and `lag.offline_dataset` become absolute (the job runs in
-   --workdir), and the data / offline-dataset files must exist.
+   `run_dir`, `model.hf_path`, `data.path`, eval sets' files and `lag.offline_dataset` become absolute (the
+   job runs in --workdir), and those files must exist.
 2. The cluster is queried (`scontrol show partition/node`): partitions exist, enough nodes with the CPUs
    and GPUs asked; TP*PP divides the learner ranks; the engine TP divides the fleet node's GPUs; paths the
    compute nodes need are not node-local; pyxis is there when a container is asked; finally
@@ -436,8 +436,8 @@ def _load_run_config(args, extra: list[str], errors: list[str]):
 
 def _input_files(cfg) -> list[tuple[str, str, list[str], str]]:
     """(field, value, files the job will read, how to make them) for the config's input paths: the prompt
-    files of data.source=jsonl|parquet, the offline dataset, and a chat template / checkpoint.load given
-    as a path that exists here."""
+    files of data.source=jsonl|parquet, eval sets' files, the offline dataset, and a chat template /
+    checkpoint.load given as a path that exists here."""
     out = []
     data = cfg.data
     if data.source in ("jsonl", "parquet") and data.path:
@@ -449,6 +449,10 @@ def _input_files(cfg) -> list[tuple[str, str, list[str], str]]:
         else:
             files = [data.path]
         out.append(("data.path", data.path, files, "make the train/eval files with `oapl data prepare`"))
+    for name, spec in cfg.eval.sets.items():
+        if spec.get("source") == "file" and spec.get("path"):
+            out.append((f"eval.sets.{name}.path", spec["path"], [spec["path"]],
+                        "make it with `oapl data prepare ... --bench`"))
     if cfg.lag.mode == "offline" and cfg.lag.offline_dataset:
         out.append(("lag.offline_dataset", cfg.lag.offline_dataset, [cfg.lag.offline_dataset],
                     "sample it first: `oapl generate CONFIG --out PATH`"))

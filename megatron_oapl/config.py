@@ -395,9 +395,10 @@ class EvalConfig:
     """Sampling temperature for evaluation."""
     sets: dict[str, Any] = field(default_factory=dict)
     """Named eval sets, each {source: reasoning_gym (task, task_kwargs) | file (path: .jsonl/.parquet, the
-    records of data.source=jsonl), num_eval_prompts (default data.num_eval_prompts), num_samples (default
-    eval.num_samples)}, scored by rewards.name; TensorBoard eval/<set>/pass@k and avg@k. Empty: one set,
-    the data section's held-out prompts (eval/pass@k)."""
+    records of data.source=jsonl; `oapl data prepare --bench` writes them), num_eval_prompts (default
+    data.num_eval_prompts for a task, every record for a file), num_samples (default eval.num_samples),
+    reward (its answer checker, default rewards.name)}; TensorBoard eval/<set>/pass@k and avg@k. Empty:
+    one set, the data section's held-out prompts (eval/pass@k)."""
 
 
 @dataclass
@@ -759,7 +760,7 @@ _BOUND_TESTS: dict[str, typing.Callable[[float], bool]] = {
 
 
 EVAL_SET_SOURCES = ("reasoning_gym", "file")
-_EVAL_SET_KEYS = {"source", "task", "task_kwargs", "path", "num_eval_prompts", "num_samples"}
+_EVAL_SET_KEYS = {"source", "task", "task_kwargs", "path", "num_eval_prompts", "num_samples", "reward"}
 
 
 def _eval_set_errors(sets: Any) -> list[str]:
@@ -781,6 +782,9 @@ def _eval_set_errors(sets: Any) -> list[str]:
                           f"(allowed: {', '.join(sorted(_EVAL_SET_KEYS))})")
         elif spec["source"] == "file" and not spec.get("path"):
             errors.append(f"{where}.path is required with source=file (a .jsonl or .parquet file)")
+        elif "reward" in spec and (not isinstance(spec["reward"], str) or not spec["reward"].strip()):
+            errors.append(f"{where}.reward={spec['reward']!r} must be a reward name (a registered reward or a "
+                          "dotted path)")
         else:
             for key in ("num_eval_prompts", "num_samples"):
                 value = spec.get(key, 1)

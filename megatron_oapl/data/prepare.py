@@ -1,10 +1,11 @@
 """`oapl data prepare`: Hugging Face math and code datasets -> the train/eval files `data.path` reads.
 
-    # math: DeepScaleR-like problem/answer rows for training, AIME-like rows for evaluation
-    oapl data prepare math --train hf/DeepScaleR-Preview-Dataset --eval hf/aime25@test --out data/math
-    # code: DeepCoder-like problem + stdin/stdout tests (several subsets), LiveCodeBench-like eval rows
+    # math: DeepScaleR-like problem/answer rows for training, the paper's four math benchmarks for evaluation
+    oapl data prepare math --train hf/DeepScaleR-Preview-Dataset --bench aime25 --bench hmmt25_feb \\
+        --bench hmmt25_nov --bench brumo25 --out data/math
+    # code: DeepCoder-like problem + stdin/stdout tests (several subsets), LiveCodeBench v5 for evaluation
     oapl data prepare code --train hf/DeepCoder/primeintellect@train --train hf/DeepCoder/taco@train \\
-        --eval hf/DeepCoder/lcbv5@test --out data/code
+        --bench lcb_v5 --out data/code
 
 A SOURCE is a local file or directory (download a Hub dataset first, e.g.
 `hf download --repo-type dataset agentica-org/DeepScaleR-Preview-Dataset --local-dir hf/DeepScaleR-Preview-Dataset`;
@@ -21,6 +22,11 @@ Columns (found by name, or given with --prompt-column / --answer-column / --test
   {"input", "output"[, "testtype"]}, or APPS/TACO's {"inputs": [...], "outputs": [...]}. Only stdin/stdout
   cases are kept (the `code` reward runs programs on stdin): function-call cases (`testtype` other than
   stdin, or an `fn_name`) are dropped, and a problem left without tests is dropped.
+
+Benchmarks (`--bench NAME[=SOURCE]`, `data/benchmarks.py`: aime25, hmmt25_feb, hmmt25_nov, brumo25 for math,
+lcb_v5 for code) are fetched from the Hugging Face hub (or read from a local SOURCE) and written one file
+each, `DIR/NAME.parquet`, for `eval.sets` (the command prints the entries); --eval / --eval-size are then
+optional. Their questions are held out of the training rows like --eval's.
 
 Written (`--out DIR`): `DIR/train.parquet` and `DIR/eval.parquet` (or .jsonl with --format jsonl), records
 {"prompt", "answer", "metadata"} as `megatron_oapl.data.prompts` reads them; code problems carry
@@ -43,6 +49,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from megatron_oapl.data.benchmarks import BENCHMARKS, Benchmark, BenchmarkError, bench_source, parse_bench
 
 __all__ = ["PrepareError", "TASKS", "Summary", "read_source", "normalize_tests", "prepare", "add_data_parser"]
 
@@ -271,6 +279,15 @@ def _records(task: str, specs: Iterable[str], columns: dict[str, str | None], in
     return out
 
 
+def _bench_sets(task: str, benches: Iterable[str]) -> list[tuple[Benchmark, str | None]]:
+    """(benchmark, local source or None) of every --bench, checked against the task; each name once."""
+    found = [parse_bench(spec, task) for spec in benches]
+    names = [bench.name for bench, _ in found]
+    if len(set(names)) < len(names):
+        raise PrepareError(f"--bench names {sorted(n for n in set(names) if names.count(n) > 1)} more than once")
+    return found
+
+
 def _write(path: Path, records: list[dict[str, Any]], fmt: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     if fmt == "jsonl":
@@ -291,10 +308,11 @@ def _write(path: Path, records: list[dict[str, Any]], fmt: str) -> None:
 
 
 def prepare(task: str, train: list[str], out: str | Path, eval_sources: list[str] = (), *,
-            eval_size: int = 0, fmt: str = "parquet", instruction: str | None = None, seed: int = 0,
-            shuffle: bool = True, max_tests: int | None = None, prompt_column: str | None = None,
+            eval_size: int = 0, benches: list[str] = (), fmt: str = "parquet", instruction: str | None = None,
+            seed: int = 0, shuffle: bool = True, max_tests: int | None = None, prompt_column: str | None = None,
             answer_column: str | None = None, tests_column: str | None = None) -> Summary:
-    """Read `train` / `eval_sources`, write `out/{train,eval}.{fmt}`; see the module docstring."""
+    """Read `train` / `eval_sources` / `benches`, write `out/{train,eval}.{fmt}` and `out/<bench>.{fmt}`; see
+    the module docstring."""
     if task not in TASKS:
         raise PrepareError(f"task={task!r} must be one of: {', '.join(TASKS)}")
     if fmt not in FORMATS:
@@ -303,8 +321,9 @@ def prepare(task: str, train: list[str], out: str | Path, eval_sources: list[str
         raise PrepareError("--train: give at least one SOURCE")
     if eval_sources and eval_size:
         raise PrepareError(f"--eval-size={eval_size} holds out training rows; it cannot be combined with --eval")
-    if not eval_sources and eval_size < 1:
-        raise PrepareError("give --eval SOURCE (an evaluation set) or --eval-size N (hold out N training rows)")
+    if not eval_sources and eval_size < 1 and not benches:
+        raise PrepareError("give --eval SOURCE (an evaluation set), --eval-size N (hold out N training rows) "
+                           "or --bench NAME (a benchmark as its own eval set)")
     if max_tests is not None and max_tests < 1:
         raise PrepareError(f"--max-tests={max_tests} must be >= 1")
     if task == "math" and tests_column or task == "code" and answer_column:
@@ -314,26 +333,37 @@ def prepare(task: str, train: list[str], out: str | Path, eval_sources: list[str
     instruction = INSTRUCTIONS[task] if instruction is None else instruction.strip()
     summary = Summary()
 
+    bench_sets = _bench_sets(task, benches)  # names first: a typo costs no download
     train_rows = _records(task, train, columns, instruction, max_tests, summary)
     if shuffle:
         random.Random(seed).shuffle(train_rows)
+    eval_rows = []
     if eval_sources:
         eval_rows = _records(task, eval_sources, columns, instruction, max_tests, summary)
-    else:
+        if not eval_rows:
+            raise PrepareError("no evaluation rows left: every --eval row was skipped")
+    elif eval_size:
         if eval_size >= len(train_rows):
             raise PrepareError(f"--eval-size={eval_size} must be < the {len(train_rows)} usable training rows")
         eval_rows, train_rows = train_rows[:eval_size], train_rows[eval_size:]
-    asked = {key for key, _ in eval_rows}
+    sets = {"eval": eval_rows} if eval_rows else {}
+    for bench, source in bench_sets:
+        # The benchmark's own columns (found by name): --prompt-column etc. describe the training sources.
+        rows = _records(task, [bench_source(bench, source)], dict.fromkeys(columns), instruction, max_tests, summary)
+        if not rows:
+            raise PrepareError(f"--bench {bench.name}: no usable rows (see the skipped rows above)")
+        for _, rec in rows:
+            rec["metadata"]["benchmark"] = bench.name
+        sets[bench.name] = rows
+    asked = {key for rows in sets.values() for key, _ in rows}
     kept = [rec for key, rec in train_rows if key not in asked]
     summary.overlap = len(train_rows) - len(kept)
     if not kept:
         raise PrepareError("no training rows left (see the skipped rows above)")
-    if not eval_rows:
-        raise PrepareError("no evaluation rows left: every --eval row was skipped")
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for split, records in (("train", kept), ("eval", [rec for _, rec in eval_rows])):
+    for split, records in (("train", kept), *((name, [rec for _, rec in rows]) for name, rows in sets.items())):
         path = out / f"{split}.{fmt}"
         _write(path, records, fmt)
         summary.files[split], summary.counts[split] = path, len(records)
@@ -359,6 +389,9 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
                    help="evaluation rows (repeatable), e.g. an AIME set; or use --eval-size")
     p.add_argument("--eval-size", type=int, default=0, metavar="N",
                    help="without --eval: hold out N (shuffled) training rows for evaluation")
+    p.add_argument("--bench", action="append", default=[], metavar="NAME[=SOURCE]",
+                   help=f"a benchmark as its own eval set, DIR/NAME.* (repeatable): {', '.join(BENCHMARKS)}; "
+                        "fetched from the Hugging Face hub, or read from a local SOURCE")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (train.* and eval.*)")
     p.add_argument("--format", choices=FORMATS, default="parquet", help="output format (default parquet)")
     p.add_argument("--instruction", help="text appended to every question (default: the task's; '' for none)")
@@ -375,11 +408,12 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     """The `oapl data prepare` action: one `error:` line and exit 2 for bad sources or options."""
     try:
-        summary = prepare(args.task, args.train, args.out, args.eval, eval_size=args.eval_size, fmt=args.format,
+        summary = prepare(args.task, args.train, args.out, args.eval, eval_size=args.eval_size,
+                          benches=args.bench, fmt=args.format,
                           instruction=args.instruction, seed=args.seed, shuffle=not args.no_shuffle,
                           max_tests=args.max_tests, prompt_column=args.prompt_column,
                           answer_column=args.answer_column, tests_column=args.tests_column)
-    except PrepareError as err:
+    except (PrepareError, BenchmarkError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for reason, (count, first) in sorted(summary.skipped.items()):
@@ -389,4 +423,7 @@ def run(args) -> int:
     for split, path in summary.files.items():
         print(f"wrote {path} ({summary.counts[split]} {split} prompts)")
     print(f"config: data.source={args.format} data.path={Path(args.out) / ('{split}.' + args.format)}")
+    for spec in args.bench:
+        bench = BENCHMARKS[spec.partition("=")[0].strip()]
+        print(f"eval.sets.{bench.name}: {{source: file, path: {summary.files[bench.name]}, reward: {bench.reward}}}")
     return 0

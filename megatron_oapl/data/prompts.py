@@ -88,8 +88,8 @@ def load_split(run_cfg: Any, split: str, tokenizer: Any = None) -> list[Prompt]:
     import dataclasses
 
     spec = run_cfg.eval.sets[split.removeprefix("eval/")]
-    want = spec.get("num_eval_prompts", run_cfg.data.num_eval_prompts)
     if spec["source"] == "reasoning_gym":
+        want = spec.get("num_eval_prompts", run_cfg.data.num_eval_prompts)
         data = dataclasses.replace(run_cfg.data, source="reasoning_gym", task=spec.get("task", run_cfg.data.task),
                                    task_kwargs=dict(spec.get("task_kwargs") or {}), num_eval_prompts=want)
         # Held out against what the run trains on (when that is a reasoning-gym task too).
@@ -98,6 +98,8 @@ def load_split(run_cfg: Any, split: str, tokenizer: Any = None) -> list[Prompt]:
     path = Path(spec["path"])
     if not path.is_file():
         raise DataError(f"eval.sets.{split.removeprefix('eval/')}: the file {path} does not exist")
+    # A prepared set (a benchmark) is evaluated whole unless num_eval_prompts says otherwise.
+    want = spec.get("num_eval_prompts", math.inf)
     prompts = _read_file(path, "parquet" if path.suffix == ".parquet" else "jsonl", want, "eval")
     return _encoded(prompts, tokenizer, run_cfg.data.chat_template)
 

@@ -23,8 +23,9 @@ reward keeps stdin/stdout). They die with the pool's thread (PR_SET_PDEATHSIG), 
 no workers behind; only what a call in flight at that moment had started outlives it (orphaned, as
 nothing of the pool is left to kill it).
 
-Rewards are looked up by `rewards.name` in each worker: a registered built-in or a dotted path, never a
-function registered at run time in the engine process only.
+Rewards are looked up by name in each worker: a registered built-in or a dotted path, never a function
+registered at run time in the engine process only. A pool holds every reward of the run (`reward_fields`:
+rewards.name, and an eval set's own `reward`); each call names the one that scores it (`split_reward`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from typing import Any
 
 from megatron_oapl.rollout.types import Prompt
 
-__all__ = ["RewardPool", "RewardResult"]
+__all__ = ["RewardPool", "RewardResult", "reward_fields", "split_reward"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +58,29 @@ class RewardResult:
     timed_out: bool = False  # the call ran past `timeout_s` (counted in `timeouts`, not in `errors`)
 
 
+def reward_fields(cfg) -> dict[str, str]:
+    """Every reward a run scores with, by the config field naming it: rewards.name first, then each eval set's
+    own `reward` (eval.sets.<set>.reward)."""
+    fields = {"rewards.name": cfg.rewards.name}
+    for name, spec in (cfg.eval.sets or {}).items():
+        if spec.get("reward"):
+            fields[f"eval.sets.{name}.reward"] = spec["reward"]
+    return fields
+
+
+def split_reward(cfg, split: str) -> str:
+    """The reward that scores an order of `split`: its eval set's own checker, else rewards.name."""
+    if split.startswith("eval/"):
+        return cfg.eval.sets[split.removeprefix("eval/")].get("reward") or cfg.rewards.name
+    return cfg.rewards.name
+
+
 @dataclass
 class _Call:
     key: Any
     text: str
     prompt: Prompt
+    reward: str  # which of the pool's rewards scores it
 
 
 @dataclass
@@ -81,15 +100,16 @@ class RewardPool:
     MAX_START_FAILURES = 3  # consecutive failed worker starts before the pool gives up (poll raises)
     WATCH_S = 1.0  # the pool thread checks worker exit codes at least this often (a lost EOF cannot hide a death)
 
-    def __init__(self, cfg_rewards: Any, num_workers: int):
-        """cfg_rewards: a `RewardsConfig` (name, binarize, timeout_s). Returns once every worker has imported
-        its reward; raises ValueError (naming rewards.name) when the reward cannot be loaded."""
+    def __init__(self, cfg_rewards: Any, num_workers: int, fields: dict[str, str] | None = None):
+        """cfg_rewards: a `RewardsConfig` (name, binarize, timeout_s); fields: every reward the pool serves,
+        by the config field naming it (`reward_fields`; default rewards.name alone). Returns once every worker
+        has imported them; raises ValueError (naming the field) when one cannot be loaded."""
         if int(num_workers) < 1:
             raise ValueError(f"rewards.num_workers={num_workers} must be >= 1")
         self.name: str = cfg_rewards.name
         self.binarize: bool = bool(cfg_rewards.binarize)
         # What a worker needs to build the reward (`registry.build_reward`): plain values, pickled to it.
-        self.settings = {"name": cfg_rewards.name, "binarize": self.binarize,
+        self.settings = {"rewards": fields or {"rewards.name": cfg_rewards.name}, "binarize": self.binarize,
                          "code_sandbox": getattr(cfg_rewards, "code_sandbox", "bwrap")}
         self.timeout_s: float = float(cfg_rewards.timeout_s)
         self.num_workers = int(num_workers)
@@ -120,11 +140,15 @@ class RewardPool:
 
     # --- the caller's side -------------------------------------------------------------------------------
 
-    def submit(self, key: Any, text: str, prompt: Prompt) -> None:
-        """Queue one completion for scoring; returns at once (a free worker picks it up in FIFO order)."""
+    def submit(self, key: Any, text: str, prompt: Prompt, reward: str | None = None) -> None:
+        """Queue one completion for scoring by `reward` (one of the pool's; default rewards.name); returns at
+        once (a free worker picks it up in FIFO order)."""
+        reward = self.name if reward is None else reward
+        if reward not in self.settings["rewards"].values():
+            raise ValueError(f"reward {reward!r} is not one of this pool's: {sorted(set(self.settings['rewards'].values()))}")
         with self._cond:
             self._raise_if_stopped()
-            self._queue.append(_Call(key, text, prompt))
+            self._queue.append(_Call(key, text, prompt, reward))
             self._pending += 1
         self._wake()
 
@@ -305,7 +329,7 @@ class RewardPool:
                     return
                 call = self._queue.popleft()
             try:
-                worker.conn.send((id(call), call.text, call.prompt))
+                worker.conn.send((id(call), call.text, call.prompt, call.reward))
             except OSError:  # the worker died while idle: the call goes back first in line
                 with self._cond:
                     self._queue.appendleft(call)

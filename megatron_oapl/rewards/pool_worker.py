@@ -4,9 +4,10 @@
 
 Protocol (pickled tuples over `multiprocessing.connection.Connection(FD)`; stdin/stdout stay the
 reward's own, since a reward may print):
-    pool -> worker   ("init", sys_path, settings)          once, first (name, binarize, code_sandbox)
-    worker -> pool   ("ready",) | ("load_error", message)  the reward is imported (or cannot be)
-    pool -> worker   (call_id, text, prompt)               one call at a time
+    pool -> worker   ("init", sys_path, settings)          once, first ({field: reward name}, binarize,
+                                                           code_sandbox)
+    worker -> pool   ("ready",) | ("load_error", message)  every reward is imported (or one cannot be)
+    pool -> worker   (call_id, text, prompt, reward name)  one call at a time
     worker -> pool   (call_id, value, error)               error None: value is the validated score
 The pool closes the socket (EOF: exit) or kills the worker's process group (timeout, close).
 
@@ -73,7 +74,7 @@ def _error_text(err: BaseException) -> str:
     return _cut(f"{type(err).__name__}: {err}")
 
 
-def serve(conn: Connection, reward_name: str) -> None:
+def serve(conn: Connection) -> None:
     from types import SimpleNamespace
 
     from megatron_oapl.rewards.registry import InvalidScore, build_reward, validate_score
@@ -85,24 +86,29 @@ def serve(conn: Connection, reward_name: str) -> None:
     # The engine may have extended sys.path (a test runner, a user's launcher): dotted-path rewards must
     # import here exactly as they would there.
     sys.path[:0] = [p for p in sys_path if p not in sys.path]
-    try:
-        fn = build_reward(SimpleNamespace(**settings))
-    except BaseException as err:  # noqa: BLE001 - reported to the pool, which raises it to the user
-        why = str(err) if isinstance(err, ValueError) else (  # get_reward's own errors name the field
-            f"rewards.name={reward_name!r} could not be loaded: {_error_text(err)}")
-        conn.send(("load_error", why))
-        return
+    fns = {}
+    for where, name in settings["rewards"].items():
+        try:
+            if name not in fns:
+                fns[name] = build_reward(SimpleNamespace(name=name, binarize=settings["binarize"],
+                                                         code_sandbox=settings["code_sandbox"]))
+        except BaseException as err:  # noqa: BLE001 - reported to the pool, which raises it to the user
+            # get_reward's own errors name rewards.name: say which field named this one.
+            why = (str(err).replace("rewards.name=", f"{where}=", 1) if isinstance(err, ValueError) else
+                   f"{where}={name!r} could not be loaded: {_error_text(err)}")
+            conn.send(("load_error", why))
+            return
     try:
         conn.send(("ready",))
     except OSError:
         return
     while True:
         try:
-            call_id, text, prompt = conn.recv()
+            call_id, text, prompt, reward = conn.recv()
         except (EOFError, OSError):  # the pool closed: no more calls
             return
         try:
-            value, error = validate_score(fn(text, prompt), settings["binarize"]), None
+            value, error = validate_score(fns[reward](text, prompt), settings["binarize"]), None
         except InvalidScore as err:
             value, error = 0.0, _cut(str(err))
         except BaseException as err:  # noqa: BLE001 - anything the reward does is its own problem
@@ -115,11 +121,11 @@ def serve(conn: Connection, reward_name: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    fd, parent_pid, reward_name = int(argv[0]), int(argv[1]), argv[2]
+    fd, parent_pid = int(argv[0]), int(argv[1])  # argv[2], rewards.name, is there for `ps` only
     # Die with the engine even when it is SIGKILLed (a parent that died before prctl: exit at once).
     die_with_parent(parent_pid)
     _become_subreaper()
-    serve(Connection(fd), reward_name)
+    serve(Connection(fd))
 
 
 if __name__ == "__main__":

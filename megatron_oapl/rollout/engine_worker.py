@@ -28,6 +28,7 @@ from pathlib import Path
 
 import zmq
 
+from megatron_oapl.rewards.pool import split_reward
 from megatron_oapl.rollout.messages import Deal, Hello, Stop, Sync, Synced
 from megatron_oapl.rollout.orders import Order, sampling_params
 from megatron_oapl.rollout.types import Prompt, RolloutGroup, Sample, SamplingParams
@@ -100,7 +101,7 @@ class EngineWorker:
     def __init__(self, engine_id: int, generation: int, cfg, model_dir: str, rollout_addr: str,
                  control_addr: str):
         from megatron_oapl.data.tokenizer import load_tokenizer, stop_token_ids
-        from megatron_oapl.rewards.pool import RewardPool
+        from megatron_oapl.rewards.pool import RewardPool, reward_fields
 
         self.engine_id, self.cfg = engine_id, cfg
         self.engine = build_engine(cfg, model_dir, engine_id)
@@ -109,7 +110,7 @@ class EngineWorker:
         self.stops = tuple(stop_token_ids(self.tokenizer))
         self.params: dict[str, SamplingParams] = {}  # by split (orders.sampling_params), on first use
         self.seeded = seeds_requests(cfg)
-        self.rewards = RewardPool(cfg.rewards, cfg.rewards.num_workers)
+        self.rewards = RewardPool(cfg.rewards, cfg.rewards.num_workers, reward_fields(cfg))
         self.pending: list[Order] = []  # dealt, not yet submitted to the engine
         # Submitted, not yet sent, by submission number: an order key can come back (eval prompt i at every
         # version), a submission number never does, so a late reward result cannot land in a newer group.
@@ -177,8 +178,9 @@ class EngineWorker:
     def _score(self, submission: int, samples: list[Sample]) -> None:
         group = self.groups[submission]
         group.version, group.samples, group.unscored = self.engine.version, samples, len(samples)
+        reward = split_reward(self.cfg, group.order.split)  # the order's eval set may bring its own checker
         for i, sample in enumerate(samples):
-            self.rewards.submit((submission, i), sample.text, group.prompt)
+            self.rewards.submit((submission, i), sample.text, group.prompt, reward)
 
     def _scored(self, result) -> None:
         submission, i = result.key

@@ -7,6 +7,7 @@ project's own loader and scored by the real rewards."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -143,7 +144,13 @@ def test_normalize_tests_layouts():
                                                       "(test, train); name one: {tmp}/aime25@SPLIT"),
     (["--train", "{tmp}/aime25@dev", "--eval-size", "1"], "{tmp}/aime25@dev: no .parquet, .jsonl, .json, "
                                                           ".arrow files named dev-*"),
-    (["--train", "{tmp}/aime25@train"], "give --eval SOURCE (an evaluation set) or --eval-size N"),
+    (["--train", "{tmp}/aime25@train"], "give --eval SOURCE (an evaluation set), --eval-size N"),
+    (["--train", "{tmp}/aime25@train", "--bench", "aime24"],
+     "--bench aime24: not a known benchmark (allowed: aime25, hmmt25_feb, hmmt25_nov, brumo25, lcb_v5)"),
+    (["--train", "{tmp}/aime25@train", "--bench", "lcb_v5"],
+     "--bench lcb_v5 is a code benchmark; `oapl data prepare math` takes aime25, hmmt25_feb, hmmt25_nov, brumo25"),
+    (["--train", "{tmp}/aime25@train", "--bench", "aime25=", "--eval-size", "1"],
+     "--bench aime25=: give a SOURCE after '='"),
     (["--train", "{tmp}/aime25@train", "--eval-size", "1", "--prompt-column", "text"],
      "--prompt-column=text: {tmp}/aime25@train has no such column (columns: problem, answer)"),
     (["--train", "{tmp}/aime25@train", "--eval-size", "1", "--tests-column", "t"],
@@ -172,3 +179,80 @@ def test_cli_prints_the_config_to_use(tmp_path, capsys):
     assert "dropped 1 training row(s) whose question is in the eval set" in out
     assert f"skipped 1 row(s): no answer (first: {train_src} item 21)" in out
     assert out.rstrip().endswith(f"config: data.source=parquet data.path={tmp_path / 'm'}/{{split}}.parquet")
+
+
+MATHARENA = {  # MathArena's layout: one `train` split of problem_idx / problem / answer (answers as text)
+    "aime25": [{"problem_idx": 1, "problem": AIME[0]["problem"], "answer": "70"},
+               {"problem_idx": 2, "problem": "What is $2^{10}$?", "answer": "1024"}],
+    "hmmt25_feb": [{"problem_idx": 1, "problem": "Compute $\\frac{1}{2} + \\frac{1}{3}$.", "answer": "\\frac{5}{6}"}],
+}
+
+
+def _parquet_bytes(rows: list[dict]) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    return sink.getvalue().to_pybytes()
+
+
+def test_benchmarks_from_the_hub_cache_become_eval_sets_with_their_checkers(tmp_path):
+    """`--bench NAME` resolves the benchmark through huggingface_hub (offline here: the files are in the
+    cache as `hf download` leaves them) and writes one eval set per benchmark, held out of training; the
+    printed eval.sets entries load through the run's own reader and score with the named checker."""
+    import subprocess
+    import sys
+
+    from megatron_oapl.config import load_config
+    from megatron_oapl.data.benchmarks import BENCHMARKS
+    from megatron_oapl.data.prompts import load_split
+    from megatron_oapl.rewards.math import math_reward
+    from tests.support.hub_cache import populate_cache
+
+    cache = tmp_path / "hub"
+    for name, rows in MATHARENA.items():
+        populate_cache(cache, BENCHMARKS[name].repo_id, {"data/train-00000-of-00001.parquet": _parquet_bytes(rows),
+                                                         "README.md": b"card"}, repo_type="dataset")
+    train_src, _ = _math_sources(tmp_path)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "megatron_oapl.cli", "data", "prepare", "math", "--train", train_src,
+           "--bench", "aime25", "--bench", "hmmt25_feb", "--out", str(tmp_path / "math"), "--format", "jsonl"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "dropped 1 training row(s) whose question is in the eval set" in done.stdout  # $2^{10}$ of aime25
+    entries = [line for line in done.stdout.splitlines() if line.startswith("eval.sets.")]
+    assert entries == [f"eval.sets.aime25: {{source: file, path: {tmp_path / 'math' / 'aime25.jsonl'}, reward: math}}",
+                       f"eval.sets.hmmt25_feb: {{source: file, path: {tmp_path / 'math' / 'hmmt25_feb.jsonl'}, "
+                       "reward: math}"]
+    assert not (tmp_path / "math" / "eval.jsonl").exists()  # the benchmarks are the eval sets
+
+    sets = ", ".join(line.removeprefix("eval.sets.") for line in entries)
+    cfg = load_config(None, [f"eval.sets={{{sets}}}"], check_hardware=False)
+    aime, hmmt = load_split(cfg, "eval/aime25"), load_split(cfg, "eval/hmmt25_feb")
+    assert [p.answer for p in aime] == ["70", "1024"] and aime[0].metadata["benchmark"] == "aime25"
+    assert math_reward("so \\boxed{70}", aime[0]) == 1.0 and math_reward("so \\boxed{71}", aime[0]) == 0.0
+    assert math_reward("the sum is \\boxed{\\frac{10}{12}}", hmmt[0]) == 1.0  # math-verify: equal values
+
+    # A benchmark the cache lacks, offline: one line saying how to give a local copy.
+    cmd[cmd.index("hmmt25_feb")] = "brumo25"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: --bench brumo25: MathArena/brumo_2025 is neither in the local Hugging "
+                                  "Face cache nor downloadable here") and "--bench brumo25=DIR" in done.stderr
+
+
+def test_a_local_lcb_copy_is_the_code_eval_set(tmp_path):
+    from megatron_oapl.rewards.code import code_reward
+
+    snapshot = tmp_path / "DeepCoder"
+    (snapshot / "lcbv5").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(_code_rows()), snapshot / "lcbv5" / "test-00000-of-00001.parquet")
+    train = [{"problem": f"Print {i}.", "tests": json.dumps([{"input": "", "output": f"{i}\n"}])} for i in range(3)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    summary = prepare("code", [str(tmp_path / "train.jsonl")], tmp_path / "code",
+                      benches=[f"lcb_v5={snapshot}/lcbv5@test"], fmt="jsonl")
+    assert summary.counts == {"train": 3, "lcb_v5": 2}  # function-call-only and broken rows skipped
+    lcb = [json.loads(line) for line in (tmp_path / "code" / "lcb_v5.jsonl").read_text().splitlines()]
+    assert lcb[0]["metadata"]["benchmark"] == "lcb_v5"
+    from megatron_oapl.rollout.types import Prompt
+
+    prompt = Prompt("lcb/0", [], text=lcb[0]["prompt"], answer=None, metadata=lcb[0]["metadata"])
+    assert code_reward("```python\na, b = map(int, input().split())\nprint(a + b)\n```", prompt) == 1.0

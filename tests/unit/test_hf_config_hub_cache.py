@@ -4,7 +4,6 @@ symlinks, refs/main), and huggingface_hub's own scanner must accept it before it
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -16,33 +15,13 @@ import pytest
 
 from megatron_oapl.config import ConfigError
 from megatron_oapl.models.hf_cache import resolve_hf_path
+from tests.support.hub_cache import COMMIT, populate_cache
 
 REPO = "tiny-org/tiny-llama3"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CONFIG = {"model_type": "llama", "vocab_size": 37, "hidden_size": 64, "intermediate_size": 96,
           "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 256,
           "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                            "original_max_position_embeddings": 64}}
-
-
-def populate_cache(cache: Path, repo_id: str, files: dict[str, bytes]) -> Path:
-    """What `hf download repo_id` leaves in `cache`; returns the snapshot directory."""
-    import huggingface_hub
-    from huggingface_hub.file_download import repo_folder_name
-
-    repo = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
-    snapshot = repo / "snapshots" / COMMIT
-    (repo / "blobs").mkdir(parents=True)
-    snapshot.mkdir(parents=True)
-    for name, data in files.items():
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    scanned = {r.repo_id: r for r in huggingface_hub.scan_cache_dir(cache).repos}
-    assert {rev.commit_hash for rev in scanned[repo_id].revisions} == {COMMIT}, "not huggingface_hub's layout"
-    return snapshot
 
 
 @pytest.fixture

@@ -57,6 +57,8 @@ def test_shipped_config_renders_a_slurm_job(path, tmp_path, capsys):
     (tmp_path / "job.yaml").write_text(plan.config_yaml)
     job = load_config(tmp_path / "job.yaml", check_hardware=False)  # what the job parses on the compute side
     assert job.run_dir == "/shared/runs/recipe"
+    # The job runs in --workdir: the eval sets' files travel as absolute paths.
+    assert all(Path(spec["path"]).is_absolute() for spec in job.eval.sets.values() if spec["source"] == "file")
     assert job.fleet.external == (cfg.lag.mode == "online")
     if cfg.data.path:
         assert job.data.path == str(Path.cwd() / cfg.data.path)
@@ -135,7 +137,10 @@ def test_missing_data_is_an_error_before_submission(tmp_path, monkeypatch, capsy
     argv = [a for a in _argv(ROOT / "configs" / "qwen3_4b_math.yaml") if a != "--dry-run"]
     assert slurm.main(argv) == 2
     err = capsys.readouterr().err
-    assert (f"error: data.path=data/math/{{split}}.parquet: {tmp_path}/data/math/train.parquet, "
-            f"{tmp_path}/data/math/eval.parquet do not exist here (make the train/eval files with "
-            "`oapl data prepare`)") in err
+    # num_eval_prompts 0: no held-out split to check; the benchmarks are eval sets, each file checked.
+    assert (f"error: data.path=data/math/{{split}}.parquet: {tmp_path}/data/math/train.parquet does not exist "
+            "here (make the train/eval files with `oapl data prepare`)") in err
+    for bench in ("aime25", "hmmt25_feb", "hmmt25_nov", "brumo25"):
+        assert (f"error: eval.sets.{bench}.path=data/math/{bench}.parquet: {tmp_path}/data/math/{bench}.parquet "
+                "does not exist here (make it with `oapl data prepare ... --bench`)") in err
     assert "nothing was submitted" in err

@@ -223,3 +223,29 @@ def test_num_workers_is_at_least_one():
     assert load_config(None, ["rewards.num_workers=3"], check_hardware=False).rewards.num_workers == 3
     with pytest.raises(ConfigError, match=r"^rewards\.num_workers=0 must be >= 1$"):
         load_config(None, ["rewards.num_workers=0"], check_hardware=False)
+
+
+def test_each_eval_set_is_scored_by_its_own_reward():
+    """eval.sets.<set>.reward picks the checker of that set's orders; the rest keep rewards.name."""
+    from megatron_oapl.rewards.pool import reward_fields, split_reward
+
+    cfg = load_config(None, [f"rewards.name={SUPPORT}:exact_reward",
+                             "eval.sets={strict: {source: reasoning_gym}, "
+                             f"lenient: {{source: reasoning_gym, reward: '{SUPPORT}:half_reward'}}}}"],
+                      check_hardware=False)
+    fields = reward_fields(cfg)
+    assert fields == {"rewards.name": f"{SUPPORT}:exact_reward", "eval.sets.lenient.reward": f"{SUPPORT}:half_reward"}
+    cfg.rewards.binarize = False  # half_reward's 0.5 would binarize to 0 like a wrong exact answer
+    splits = ("train", "eval", "eval/strict", "eval/lenient")
+    with RewardPool(cfg.rewards, 1, fields) as pool:
+        for split in splits:
+            pool.submit(split, "wrong", Prompt("p", [], text="q", answer="7"), split_reward(cfg, split))
+        scores = {key: r.value for key, r in _drain(pool).items()}
+    assert scores == {"train": 0.0, "eval": 0.0, "eval/strict": 0.0, "eval/lenient": 0.5}
+
+
+def test_an_eval_sets_reward_that_cannot_be_loaded_names_its_field():
+    fields = {"rewards.name": f"{SUPPORT}:exact_reward", "eval.sets.aime.reward": f"{SUPPORT}:nope"}
+    with pytest.raises(ValueError, match=r"^eval\.sets\.aime\.reward='tests\.support\.rewards_for_tests:nope' could"):
+        RewardPool(RewardsConfig(name=fields["rewards.name"]), 1, fields)
+    assert _worker_pids() == []
