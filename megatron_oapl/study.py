@@ -78,6 +78,11 @@ class Cell:
     def done(self) -> bool:
         return (self.run_dir / DONE).is_file()
 
+    @property
+    def rollouts(self) -> Path:
+        """An offline round's groups, sampled by `oapl generate` before the cell trains on them."""
+        return self.run_dir / ROLLOUTS
+
     def state(self) -> str:
         if self.done:
             return "done"
@@ -196,7 +201,7 @@ def _run_overrides(cell: Cell) -> list[str]:
     """`oapl train`'s overrides for a cell (an offline round reads the cell's generated dataset)."""
     extra = [f"run_dir={cell.run_dir}"]
     if cell.reuse is not None:
-        extra += ["lag.mode=offline", f"lag.offline_dataset={cell.run_dir / ROLLOUTS}", "eval.every=0"]
+        extra += ["lag.mode=offline", f"lag.offline_dataset={cell.rollouts}", "eval.every=0"]
     return [*cell.overrides, *extra]
 
 
@@ -258,13 +263,13 @@ class Runner:
         self._say(f"{index}/{total} {cell.name}: start ({state})")
         start = time.monotonic()
         with open(cell.run_dir / LOG, "a") as log:
-            if cell.reuse is not None and not (cell.run_dir / ROLLOUTS).is_file():
+            if cell.reuse is not None and not cell.rollouts.is_file():
                 from megatron_oapl.config import load_config
 
                 steps = generation_steps(load_config(self.study.base, _run_overrides(cell),
                                                      check_hardware=False).optim.train_steps, cell.reuse)
                 cmd = [sys.executable, "-m", "megatron_oapl.cli", "generate", str(self.study.base), *cell.overrides,
-                       f"run_dir={cell.run_dir / 'generate'}", "--out", str(cell.run_dir / ROLLOUTS),
+                       f"run_dir={cell.run_dir / 'generate'}", "--out", str(cell.rollouts),
                        "--steps", str(steps)]
                 log.write(f"$ {' '.join(cmd)}\n")
                 log.flush()

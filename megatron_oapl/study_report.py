@@ -47,7 +47,6 @@ class CellResult:
 
     def __init__(self, cell):
         from megatron_oapl.config import load_config
-        from megatron_oapl.study import ROLLOUTS
 
         self.cell = cell
         # What the run actually ran with (`oapl train` writes it before training, so every finished cell has
@@ -66,7 +65,7 @@ class CellResult:
         self.after = after
         self.offline_groups = None
         if cell.reuse is not None:
-            with open(cell.run_dir / ROLLOUTS) as f:
+            with open(cell.rollouts) as f:
                 self.offline_groups = sum(1 for _ in f)
         self.pass1_curve = dict(evals.get(1, {}))
         if not self.pass1_curve:  # no evaluation during the run (offline): before and after
@@ -240,6 +239,13 @@ def _window_mean(series: dict[int, float], first: float, last: float) -> float:
     return float(np.mean(values[lo : max(lo + 1, round(last * len(values)))]))
 
 
+def _spread(values: list[float]) -> str:
+    """How far seeds fall apart: their standard deviation (not the mean's standard error) and range."""
+    if len(values) < 2:
+        return "n/a"
+    return f"{np.std(values, ddof=1):.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
 def _table(lines: dict[str, list[CellResult]]) -> list[str]:
     """Per line: final pass@k, generations, and the drift signals of the run's first and last tenth (entropy)
     or last quarter (|log-ratio| to the sampling policy, GRPO's clipped-token fraction, the gradient norm)."""
@@ -247,9 +253,10 @@ def _table(lines: dict[str, list[CellResult]]) -> list[str]:
     k_top = ks[-1] if ks else 1
     k_mid = max((k for k in ks if k < k_top and k & (k - 1) == 0), default=None)  # a power of two below
     final_ks = [1, *([k_mid] if k_mid else []), *([k_top] if k_top != 1 else [])]
-    rows = ["| run | seeds | pass@1 before | " + " | ".join(f"pass@{k} final" for k in final_ks) + " | generations "
-            "sampled | generations consumed | seq. entropy first 10% -> last 10% | abs log-ratio last 25% | "
-            "clip fraction last 25% | grad norm last 25% |", "|---|---|---|" + "---|" * len(final_ks) + "---|" * 6]
+    rows = ["| run | seeds | pass@1 before | " + " | ".join(f"pass@{k} final" for k in final_ks) + " | pass@1 final "
+            "seed sd [min, max] | generations sampled | generations consumed | seq. entropy first 10% -> last 10% | "
+            "abs log-ratio last 25% | clip fraction last 25% | grad norm last 25% |",
+            "|---|---|---|" + "---|" * len(final_ks) + "---|" * 7]
 
     def over_seeds(cells, value) -> tuple[float, float]:
         return mean_se([v for v in (value(r) for r in cells) if not math.isnan(v)])
@@ -257,6 +264,7 @@ def _table(lines: dict[str, list[CellResult]]) -> list[str]:
     for name, cells in lines.items():
         before = mean_se([r.before[1] for r in cells if 1 in r.before])
         finals = [_fmt(*mean_se([r.after[k] for r in cells if k in r.after])) for k in final_ks]
+        spread = _spread([r.after[1] for r in cells if 1 in r.after])
         sampled = mean_se([r.generations(r.steps) for r in cells])
         consumed = mean_se([r.consumed for r in cells])
         entropy = [over_seeds(cells, lambda r, a=a, b=b: _window_mean(r.tb.get(M.SEQUENCE_ENTROPY, {}), a, b))
@@ -264,7 +272,7 @@ def _table(lines: dict[str, list[CellResult]]) -> list[str]:
         log_ratio = over_seeds(cells, lambda r: _window_mean(r.tb.get(ABS_LOG_RATIO, {}), 0.75, 1.0))
         clipped = over_seeds(cells, lambda r: _window_mean(r.tb.get(CLIP_FRACTION, {}), 0.75, 1.0))
         grad = over_seeds(cells, lambda r: _window_mean(r.tb.get(M.GRAD_NORM, {}), 0.75, 1.0))
-        rows.append(f"| {name} | {len(cells)} | {_fmt(*before)} | {' | '.join(finals)} | {_count(*sampled)} | "
+        rows.append(f"| {name} | {len(cells)} | {_fmt(*before)} | {' | '.join(finals)} | {spread} | {_count(*sampled)} | "
                     f"{_count(*consumed)} | {_fmt(*entropy[0], 2)} -> {_fmt(*entropy[1], 2)} | "
                     f"{_fmt(*log_ratio, 2)} | {_fmt(*clipped, 4)} | {_fmt(*grad, 3)} |")
     return rows

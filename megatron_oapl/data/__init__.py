@@ -5,14 +5,14 @@
 - :mod:`.templates`: ``TEMPLATES``, ``apply_template``, ``render_prompt`` (tokenizer chat templates).
 - :mod:`.tokenizer`: ``load_tokenizer``, ``encode_prompt``, ``stop_token_ids``,
   ``train_sentencepiece_tokenizer`` (the embedded default's tiny tokenizer), ``TokenizerError``.
-- :mod:`.checks`: ``check_run_data(cfg)``: a run's data read and tokenised up front (`oapl train`).
+- :mod:`.checks`: ``check_run_data(cfg)``: a run's data read and tokenised up front (`oapl train`); not
+  imported here, since it reads the offline rollout dataset through `rollout/`, a layer above `data/`.
 - :mod:`.prepare`: ``oapl data prepare`` (Hugging Face math / code datasets -> the train/eval files above).
 
 Heavy libraries (reasoning-gym, transformers, sentencepiece, pyarrow) are imported inside the functions
 that need them.
 """
 
-from .checks import check_run_data
 from .prompts import DataError, load_prompts
 from .templates import TEMPLATES, apply_template, render_prompt
 from .tokenizer import TokenizerError, encode_prompt, load_tokenizer, stop_token_ids, train_sentencepiece_tokenizer
@@ -20,7 +20,6 @@ from .tokenizer import TokenizerError, encode_prompt, load_tokenizer, stop_token
 __all__ = [
     "DataError",
     "TokenizerError",
-    "check_run_data",
     "load_prompts",
     "TEMPLATES",
     "apply_template",

@@ -90,11 +90,3 @@ def build_policy(cfg, ctx) -> Policy:
     # fp16 loss scaling goes through the schedule's grad_scale_func.
     tconfig.grad_scale_func = optimizer.scale_loss
     return Policy(model=model, optimizer=optimizer, scheduler=scheduler, config=tconfig)
-
-
-def layer_offset(model_chunk) -> int:
-    """Global index of this chunk's first transformer layer (pipeline stages count from 0)."""
-    from megatron.core.utils import get_attr_wrapped_model
-
-    layers = get_attr_wrapped_model(model_chunk, "decoder").layers
-    return layers[0].layer_number - 1 if len(layers) else 0

@@ -195,3 +195,11 @@ def build_gpt_model(cfg, transformer_config, pre_process: bool, post_process: bo
     )
     apply_rope_scaling(model, cfg.model.rope_scaling)
     return model
+
+
+def layer_offset(model_chunk) -> int:
+    """Global index of this chunk's first transformer layer (pipeline stages count from 0)."""
+    from megatron.core.utils import get_attr_wrapped_model
+
+    layers = get_attr_wrapped_model(model_chunk, "decoder").layers
+    return layers[0].layer_number - 1 if len(layers) else 0

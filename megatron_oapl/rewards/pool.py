@@ -108,7 +108,7 @@ class RewardPool:
             raise ValueError(f"rewards.num_workers={num_workers} must be >= 1")
         self.name: str = cfg_rewards.name
         self.binarize: bool = bool(cfg_rewards.binarize)
-        # What a worker needs to build the reward (`registry.build_reward`): plain values, pickled to it.
+        # What a worker needs to build the reward (`pool_worker.build_reward`): plain values, pickled to it.
         self.settings = {"rewards": fields or {"rewards.name": cfg_rewards.name}, "binarize": self.binarize,
                          "code_sandbox": getattr(cfg_rewards, "code_sandbox", "bwrap")}
         self.timeout_s: float = float(cfg_rewards.timeout_s)

@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from multiprocessing.connection import Connection
+from typing import Any, Callable
 
 from megatron_oapl.procs import die_with_parent
 
@@ -74,10 +75,23 @@ def _error_text(err: BaseException) -> str:
     return _cut(f"{type(err).__name__}: {err}")
 
 
+def build_reward(cfg_rewards: Any) -> Callable[..., float]:
+    """The reward `cfg_rewards.name` names, set up by the rest of the section (`code`: its sandbox,
+    `rewards.code_sandbox`; a ValueError naming that field when the sandbox cannot run here)."""
+    # Here, not in the registry: `code` registers itself there, so the registry importing it would be a circle.
+    if cfg_rewards.name == "code":
+        from megatron_oapl.rewards.code import build_code_reward
+
+        return build_code_reward(cfg_rewards)
+    from megatron_oapl.rewards.registry import get_reward
+
+    return get_reward(cfg_rewards.name)
+
+
 def serve(conn: Connection) -> None:
     from types import SimpleNamespace
 
-    from megatron_oapl.rewards.registry import InvalidScore, build_reward, validate_score
+    from megatron_oapl.rewards.registry import InvalidScore, validate_score
 
     try:
         _, sys_path, settings = conn.recv()

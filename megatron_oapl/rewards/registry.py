@@ -1,7 +1,7 @@
 """Reward functions by name, and what counts as a score (`validate_score`). Rewards are called in one place
 only, the reward pool's worker processes (`rewards/pool.py`; the engines score every training and eval
-sample there), through `build_reward` and `validate_score`: a thread could neither be killed on a timeout
-nor take down what a reward started.
+sample there), through `get_reward` (`pool_worker.build_reward`) and `validate_score`: a thread could
+neither be killed on a timeout nor take down what a reward started.
 
 A reward function is a plain callable `fn(completion_text: str, prompt: Prompt) -> float`. Built-in ones
 (`reasoning_gym`, `math`, `code`) register themselves with `@register_reward(name)` when their module is
@@ -20,8 +20,7 @@ from typing import Any, Callable
 
 from megatron_oapl.rollout.types import Prompt
 
-__all__ = ["RewardFn", "register_reward", "get_reward", "registered_rewards", "InvalidScore", "validate_score",
-           "build_reward"]
+__all__ = ["RewardFn", "register_reward", "get_reward", "registered_rewards", "InvalidScore", "validate_score"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,13 +126,3 @@ def validate_score(raw: object, binarize: bool) -> float:
     if binarize:
         return 1.0 if value >= 1.0 else 0.0
     return value
-
-
-def build_reward(cfg_rewards: Any) -> RewardFn:
-    """The reward `cfg_rewards.name` names, set up by the rest of the section (`code`: its sandbox,
-    `rewards.code_sandbox`; a ValueError naming that field when the sandbox cannot run here)."""
-    if cfg_rewards.name == "code":
-        from megatron_oapl.rewards.code import build_code_reward
-
-        return build_code_reward(cfg_rewards)
-    return get_reward(cfg_rewards.name)

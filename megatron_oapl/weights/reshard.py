@@ -14,8 +14,8 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from megatron_oapl.learner.model import layer_offset
 from megatron_oapl.models.hf_mapping import HFMapping
+from megatron_oapl.models.megatron_model import layer_offset
 
 
 def _named_parameters(model_chunk):

@@ -111,6 +111,9 @@ def test_report_table_and_plots(study):
         for k in (1, 2, 4):
             values = [json.loads((c / "eval" / "eval.json").read_text())["after"]["pass_at_k"][str(k)] for c in cells]
             assert row[f"pass@{k} final"].startswith(f"{sum(values) / 2:.3f} ± ")
+            if k == 1:  # the seeds' own spread beside the mean's standard error
+                sd = abs(values[0] - values[1]) / 2 ** 0.5
+                assert row["pass@1 final seed sd [min, max]"] == f"{sd:.3f} [{min(values):.3f}, {max(values):.3f}]"
         assert row["seeds"] == "2" and row["generations consumed"] == "48"  # 3 steps x 2 prompts x 8 samples
         # Drift signals: the sequence entropy of the first and last tenth of the steps (here step 1 and 3).
         entropy = [read_scalars(c / "tensorboard")[M.SEQUENCE_ENTROPY] for c in cells]
