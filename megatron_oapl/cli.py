@@ -200,6 +200,13 @@ def _generate(args) -> int:
         raise SystemExit("error: fleet.external=true: `oapl generate` starts its own engines on this machine "
                          "(allowed: false)")
     out = generate(cfg, to_dict(cfg), args.out, steps)
+    if cfg.fleet.dynamic_sampling:  # the groups the steps skip are in the file too
+        with open(out, "rb") as f:
+            count = sum(1 for _ in f)
+        print(f"wrote {count} groups for {steps} steps (fleet.dynamic_sampling: {steps} x prompts_per_step="
+              f"{cfg.fleet.prompts_per_step} with differing scores, and the all-equal ones between them) sampled "
+              f"by {cfg.model.hf_path} to {out}")
+        return 0
     print(f"wrote {steps * cfg.fleet.prompts_per_step} groups ({steps} steps x fleet.prompts_per_step="
           f"{cfg.fleet.prompts_per_step}) sampled by {cfg.model.hf_path} to {out}")
     return 0

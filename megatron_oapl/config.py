@@ -245,6 +245,9 @@ class AlgoConfig:
     """Divide sequence log-probs by completion length (not in the paper; beta2 must then be rescaled)."""
     filter_degenerate_groups: bool = False
     """Drop groups whose rewards are all equal (by default they stay as a KL anchor toward pi_lag)."""
+    mask_truncated: bool = False
+    """Leave truncated samples (finish reason length) out of the loss sum; their rewards still enter their
+    group's V* (GRPO: the group's mean and std), see docs/ARCHITECTURE.md."""
     grpo_eps_low: float = 0.2
     """GRPO: lower clip range of the importance ratio (1 - eps_low)."""
     grpo_eps_high: float = 0.2
@@ -302,6 +305,15 @@ class FleetConfig:
     max_in_flight: int = 256
     """Sequences each engine keeps in flight (whole groups, at least one): vLLM's continuous batching (also
     its max_num_seqs), or the light engine's batch."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: a step trains on the first prompts_per_step groups (in work-order order) whose
+    raw scores are not all equal, and the fleet samples extra orders of the same version to refill it. Off by
+    default: under OAPL an all-equal group still anchors pi_theta to pi_lag, so dropping it changes the
+    objective. Offline, `oapl generate` samples the extra orders and training skips the same groups."""
+    dynamic_sampling_max_orders: float = 3.0
+    """Dynamic sampling's limit, as a multiple of prompts_per_step: a step that has looked at this many orders
+    without finding prompts_per_step groups with differing scores trains on those it found, topped up with
+    the first all-equal ones (counted in rollout/dynamic_sampling_capped_total). >= 1."""
     reproducible: bool = False
     """true: one group at a time per engine, so a step's groups are bit-identical whatever the engine
     timing, restarts or fleet size (kill -9 + resume reproduces the run), at the cost of batching.
@@ -359,6 +371,12 @@ class RewardsConfig:
     num_workers: int = 2
     """Reward worker processes per engine; scoring runs beside sampling (a hung call costs one worker
     until its timeout, not the engine)."""
+    overlong_buffer_tokens: int = 0
+    """DAPO's soft overlong penalty over the last N tokens before fleet.max_new_tokens: a completion of n >
+    max_new_tokens - N tokens gets -overlong_penalty * (n - (max_new_tokens - N)) / N added to its score for
+    the loss (the raw score stays for dynamic sampling, metrics and evaluation). 0 = off."""
+    overlong_penalty: float = 1.0
+    """The overlong penalty at n = fleet.max_new_tokens (linear from 0 at the buffer's start). >= 0."""
     code_sandbox: str = "bwrap"
     """How the `code` reward fences model-written programs: bwrap (bubblewrap: no network, no access to the
     run's files or credentials, read-only system; the run refuses to start where it cannot run) |
@@ -743,6 +761,8 @@ _BOUNDS: list[tuple[str, str]] = [
     ("fleet.max_in_flight", _ONE), ("fleet.max_refused_syncs", _ONE), ("fleet.start_timeout_s", _POS),
     ("data.num_train_prompts", _ONE), ("data.num_eval_prompts", _NONNEG),
     ("rewards.timeout_s", _POS), ("rewards.num_workers", _ONE),
+    ("rewards.overlong_buffer_tokens", _NONNEG), ("rewards.overlong_penalty", _NONNEG),
+    ("fleet.dynamic_sampling_max_orders", _ONE),
     ("checkpoint.save_every", _NONNEG), ("checkpoint.keep_last", _ONE),
     ("logging.log_every", _ONE),
     ("eval.every", _NONNEG), ("eval.num_samples", _ONE), ("eval.temperature", _POS),
@@ -879,6 +899,13 @@ def validate(cfg: RunConfig, check_hardware: bool = True) -> None:
     if cfg.fleet.max_new_tokens >= m.max_seq_length:
         errors.append(f"fleet.max_new_tokens={cfg.fleet.max_new_tokens} must be < model.max_seq_length="
                       f"{m.max_seq_length} (the prompt needs at least one token)")
+    if cfg.rewards.overlong_buffer_tokens > cfg.fleet.max_new_tokens:
+        errors.append(f"rewards.overlong_buffer_tokens={cfg.rewards.overlong_buffer_tokens} must be <= "
+                      f"fleet.max_new_tokens={cfg.fleet.max_new_tokens} (the penalty ramps over the last N tokens)")
+    if cfg.fleet.dynamic_sampling and cfg.fleet.prompts_per_step > cfg.data.num_train_prompts:
+        errors.append(f"fleet.prompts_per_step={cfg.fleet.prompts_per_step} must be <= data.num_train_prompts="
+                      f"{cfg.data.num_train_prompts} with fleet.dynamic_sampling=true (a step refills with other "
+                      "prompts)")
     if cfg.fleet.top_p < 1 and cfg.algo.logp_lag_source == "engine":  # review W1: a length-dependent bias
         errors.append(f"fleet.top_p={cfg.fleet.top_p} needs algo.logp_lag_source='recompute' (or fleet.top_p=1): "
                       "the engine's log-probs are top-p-renormalised, the learner's temperature-only")

@@ -24,6 +24,12 @@ TRUNCATED_FRACTION = "rollout/truncated_frac"  # finish_reason == "length"
 SEQUENCE_ENTROPY = "rollout/sequence_entropy"  # -mean sequence log-prob under the behaviour policy
 REWARD_ERRORS = "rollout/reward_errors_total"
 REWARD_TIMEOUTS = "rollout/reward_timeouts_total"
+GROUPS_TRAINED = "rollout/groups_trained"  # the step's groups whose raw scores differ (fleet.prompts_per_step
+#   with dynamic sampling unless capped; without it, the groups that carry a ranking signal)
+DEGENERATE_DROPPED = "rollout/degenerate_groups_dropped"  # dynamic sampling: all-equal groups the step skipped
+EXTRA_ORDERS = "rollout/extra_orders"  # dynamic sampling: orders the step looked at beyond prompts_per_step
+DYNAMIC_SAMPLING_CAPPED = "rollout/dynamic_sampling_capped_total"  # steps that reached the order limit
+OVERLONG_PENALIZED_FRAC = "rollout/overlong_penalized_frac"  # samples with a nonzero overlong penalty
 
 # Lag schedule and versions.
 POLICY_VERSION = "lag/policy_version"

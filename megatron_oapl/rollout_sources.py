@@ -7,11 +7,15 @@
                      no fleet, no pushes
 
 Both answer `next_message(step, version)` with one of
-    {"groups": [...]}                       step s's groups, in work-order order
+    {"groups": [...], "position": n}        step s's groups, in work-order order, and the sampler position
+                                            after it (the next step's first order; a checkpoint stores it)
     {"resync": [engine ids], "receivers": n} restarted engines to bring to `version` first (fleet only)
     {"stop": True}                          a stop signal arrived while waiting
 which the coordinator (train.Coordinator) publishes on the control channel, so the other ranks see the
 same answer and join the same pushes, however long the answer took.
+
+With fleet.dynamic_sampling both take, from the step's start position, the first P groups whose raw scores
+differ (rollout/orders.fill_step); the fleet over-issues orders of the current version to refill the step.
 """
 
 from __future__ import annotations
@@ -23,17 +27,34 @@ from megatron_oapl import metrics as M
 from megatron_oapl.evaluation import EvalRound, check_eval_sets, eval_rounds, report_metrics
 from megatron_oapl.rollout.dataset import RolloutDataset
 from megatron_oapl.rollout.fleet import Fleet, FleetStopped
-from megatron_oapl.rollout.orders import OrderBook, PromptSampler, step_orders
+from megatron_oapl.rollout.orders import (
+    OrderBook,
+    PromptSampler,
+    StepFill,
+    all_equal,
+    check_prompt_count,
+    dynamic_sampling_limit,
+    fill_step,
+    step_orders,
+)
 from megatron_oapl.rollout.types import RolloutGroup
-from megatron_oapl.schedule import LagSchedule, VersionedBuffer
+from megatron_oapl.schedule import LagSchedule, SamplingTally, StepAssembler, VersionedBuffer
 from megatron_oapl.weights.transport import Rendezvous, WeightStoreServer
 
 log = logging.getLogger(__name__)
 
 
+def dynamic_limit(cfg) -> int | None:
+    """Orders one step may look at with fleet.dynamic_sampling (None: off, fixed ranges)."""
+    fleet = cfg.fleet
+    return dynamic_sampling_limit(fleet.prompts_per_step, fleet.dynamic_sampling_max_orders) if (
+        fleet.dynamic_sampling) else None
+
+
 class DatasetRollouts:
     """Step s trains on orders `step_orders(s)` of an offline dataset (reused in order past its end), read
-    from the file when the step asks for them: no rank holds the whole round."""
+    from the file when the step asks for them: no rank holds the whole round. With fleet.dynamic_sampling
+    a step skips degenerate groups in file order (the same rule and limit as the fleet's)."""
 
     pushes = False
     store_port = 0
@@ -41,20 +62,38 @@ class DatasetRollouts:
 
     def __init__(self, cfg, start_step: int = 1, start_position: int = 0):
         self.per_step, self.start_step, self.start_position = cfg.fleet.prompts_per_step, start_step, start_position
+        self.limit = dynamic_limit(cfg)
+        self.position, self.tally = start_position, SamplingTally(self.per_step)  # the next step's first order
         self.data = RolloutDataset(cfg.lag.offline_dataset, cfg.fleet)
+        steps = ("steps skip the all-equal groups (fleet.dynamic_sampling)" if self.limit else
+                 f"{len(self.data) // self.per_step} steps")
         print(f"[oapl] offline round: {len(self.data)} groups from {cfg.lag.offline_dataset} "
-              f"({len(self.data) // self.per_step} steps; later steps reuse them in the same order), "
-              "no weight pushes", flush=True)
+              f"({steps}; later steps reuse them in the same order), no weight pushes", flush=True)
 
     def next_message(self, step: int | None, version: int) -> dict:
-        indices = [] if step is None else step_orders(step, self.per_step, self.start_step, self.start_position)
-        return {"groups": [self.data.group(i % len(self.data)) for i in indices]}
+        if step is None:
+            return {"groups": []}
+        if self.limit is None:
+            indices = step_orders(step, self.per_step, self.start_step, self.start_position)
+            fill = StepFill(indices.start, indices.stop, tuple(indices), capped=False)
+            read = {i: self.data.group(i % len(self.data)) for i in indices}
+        else:
+            read: dict = {}
+
+            def degenerate(i: int) -> bool:
+                read[i] = self.data.group(i % len(self.data))
+                return all_equal(read[i].rewards)
+
+            fill = fill_step(self.position, self.per_step, self.limit, degenerate)
+        self.position = fill.end
+        self.tally.add(fill)
+        return {"groups": [read[i] for i in fill.taken], "position": fill.end}
 
     def start_eval(self, version: int, step: int) -> None:
         pass  # the generator is frozen: `oapl train`'s before/after report evaluates the trained policy
 
     def counters(self) -> dict[str, float]:
-        return {}
+        return self.tally.metrics()
 
     def close(self) -> None:
         pass
@@ -72,10 +111,13 @@ class FleetRollouts:
         from megatron_oapl.data.prompts import load_prompts
 
         self.cfg, self.schedule, self.writer, self.stop = cfg, schedule, writer, stop
-        sampler = PromptSampler(len(load_prompts(cfg.data, "train")), cfg.data.seed)
+        num_prompts = len(load_prompts(cfg.data, "train"))
+        check_prompt_count(cfg, num_prompts)
+        sampler = PromptSampler(num_prompts, cfg.data.seed)
         self.orders = OrderBook(sampler, cfg.seed, cfg.fleet.prompts_per_step, schedule.sync_every,
-                                start_step, start_position)
+                                start_step, start_position, dynamic_limit(cfg))
         self.buffer = VersionedBuffer(schedule)
+        self.steps = StepAssembler(self.orders, self.buffer)
         # eval.every > 0: the fleet evaluates pushed versions (one eval order per prompt of each eval set).
         self.eval_counts = check_eval_sets(cfg) if cfg.eval.every else {}  # split -> prompts
         self.eval_rounds: dict[str, EvalRound] = {}  # the pending evaluation, by split
@@ -106,7 +148,7 @@ class FleetRollouts:
         with step None, the pending evaluation must be complete too: the next push replaces the weights it
         samples (its orders are ranked before that step's, so this waits only for stragglers)."""
         if step is not None:
-            self.orders.plan_round(step, version)
+            self.steps.plan(step, version)
             self.waiting_for = step
         finish_eval = step is None or self.schedule.sync_after(step)
         start, warn_at = time.monotonic(), self.STALL_WARNING_S
@@ -125,11 +167,16 @@ class FleetRollouts:
                 return {"resync": stale, "receivers": self.fleet.weight_ranks(stale)}
             for group in arrived:
                 self._received(group)
+            if arrived and step is not None and self.orders.dynamic_limit is not None:
+                self.steps.plan(step, version)  # degenerate groups came in: top the book up
             if finish_eval and self.eval_rounds:
                 continue
-            groups = [] if step is None else self.buffer.take(self.orders.indices(step))
-            if groups is not None:
-                return {"groups": groups}
+            if step is None:
+                return {"groups": []}
+            taken = self.steps.take(step)
+            if taken is not None:
+                groups, position = taken
+                return {"groups": groups, "position": position}
 
     def _log_restart(self, total: int) -> None:
         # When it happens: an engine that dies while starting, or before the run gives up, still shows.
@@ -137,21 +184,20 @@ class FleetRollouts:
         self.writer.flush()
 
     def _warn_stalled(self, step: int | None, version: int, waited: float) -> None:
-        wanted = [] if step is None else self.orders.indices(step)
-        have = sum(i in self.buffer.groups for i in wanted)
+        have, wanted = (0, 0) if step is None else self.steps.progress(step)
         evals = "" if not self.eval_rounds else (
             f", evaluation of version {next(iter(self.eval_rounds.values())).version} pending: "
             + ", ".join(f"{r.name} {len(r.correct)}/{r.num_prompts}" for r in self.eval_rounds.values()))
         log.warning("waiting %.0f s for rollouts of step %s (version %d): %d of %d groups in%s; engines alive: %s",
-                    waited, step, version, have, len(wanted), evals, self.fleet.ready_engines())
+                    waited, step, version, have, wanted, evals, self.fleet.ready_engines())
 
     def _received(self, group: RolloutGroup) -> None:
         self.reward_errors += group.reward_errors
         self.reward_timeouts += group.reward_timeouts
         if group.split != "train":
             self._eval_group(group)
-        elif self.buffer.add(group):
-            self.orders.delivered(("train", group.order_index))
+        else:
+            self.steps.received(group)
 
     # ------------------------------------------------------------------------------------ evaluation
 
@@ -201,10 +247,11 @@ class FleetRollouts:
         self.buffer.advance(version)
 
     def counters(self) -> dict[str, float]:
-        """Run totals for the step's metrics."""
+        """Run totals for the step's metrics (and what dynamic sampling looked at for the step)."""
         return {M.DROPPED_STALE: self.buffer.dropped_stale, M.DUPLICATE_GROUPS: self.buffer.duplicates,
                 M.ENGINE_RESTARTS: self.fleet.restarts_total, M.ENGINE_RESYNCS: self.resyncs,
-                M.REWARD_ERRORS: self.reward_errors, M.REWARD_TIMEOUTS: self.reward_timeouts}
+                M.REWARD_ERRORS: self.reward_errors, M.REWARD_TIMEOUTS: self.reward_timeouts,
+                **self.steps.tally.metrics()}
 
     def close(self) -> None:
         if getattr(self, "fleet", None) is not None:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from megatron_oapl import metrics as M
+from megatron_oapl.algo.shaping import overlong_penalties, shaped_rewards
 from megatron_oapl.checkpoint import CheckpointManager, StopRequest, install_signal_handlers
 from megatron_oapl.config import from_dict, to_dict
 from megatron_oapl.learner.batch import TrainBatch, build_batch
@@ -41,7 +42,7 @@ from megatron_oapl.learner.step import NonFiniteGuard, forward_logprobs, train_s
 from megatron_oapl.models.hf_config import resolve_model
 from megatron_oapl.models.hf_mapping import HFMapping
 from megatron_oapl.rollout.fleet import FleetGaveUp, FleetStopped
-from megatron_oapl.rollout.orders import step_orders
+from megatron_oapl.rollout.orders import all_equal
 from megatron_oapl.rollout_sources import DatasetRollouts, FleetRollouts
 from megatron_oapl.schedule import LagSchedule
 from megatron_oapl.weights.hf_io import hf_tensor_reader
@@ -150,7 +151,7 @@ class Coordinator:
         return self.stop.reason
 
     def log_step(self, step, version, groups, result, extra, seconds, guard) -> None:
-        values = rollout_metrics(groups, version)
+        values = rollout_metrics(groups, version, self.cfg)
         values.update({M.LOSS_PREFIX + k: v for k, v in result.metrics.items()})
         values.update(result.layout)  # micro-batches per step, padding fraction
         self.busy_seconds += seconds
@@ -229,10 +230,15 @@ class Follower:
         pass
 
 
-def rollout_metrics(groups, version: int) -> dict[str, float]:
+def rollout_metrics(groups, version: int, cfg) -> dict[str, float]:
+    """The step's rollout metrics, over raw scores (before any shaping)."""
     samples = [s for g in groups for s in g.samples]
     rewards = torch.tensor([s.reward or 0.0 for s in samples])
+    penalties = overlong_penalties([len(s.token_ids) for s in samples], cfg.fleet.max_new_tokens,
+                                   cfg.rewards.overlong_buffer_tokens, cfg.rewards.overlong_penalty)
     return {
+        M.GROUPS_TRAINED: sum(not all_equal(g.rewards) for g in groups),
+        M.OVERLONG_PENALIZED_FRAC: (penalties != 0).double().mean().item(),
         M.REWARD_MEAN: rewards.mean().item(),
         M.ACCURACY: (rewards == 1.0).float().mean().item(),
         M.RESPONSE_LENGTH: sum(len(s.token_ids) for s in samples) / len(samples),
@@ -250,13 +256,23 @@ def rollout_metrics(groups, version: int) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------
 
 
-def batch_from_groups(groups, pad_id: int) -> TrainBatch:
+def batch_from_groups(groups, cfg, pad_id: int = 0) -> TrainBatch:
+    """The loss inputs of a step: raw scores shaped by the overlong penalty (rewards.overlong_buffer_tokens)
+    and, with algo.mask_truncated, truncated samples kept out of the loss sum."""
+    rewards = [g.rewards for g in groups]
+    if cfg.rewards.overlong_buffer_tokens:
+        rewards = shaped_rewards(rewards, [[len(s.token_ids) for s in g.samples] for g in groups],
+                                 cfg.fleet.max_new_tokens, cfg.rewards.overlong_buffer_tokens,
+                                 cfg.rewards.overlong_penalty)
+    keep = ([[s.finish_reason != "length" for s in g.samples] for g in groups] if cfg.algo.mask_truncated
+            else None)
     return build_batch(
         [g.prompt.token_ids for g in groups],
         [[s.token_ids for s in g.samples] for g in groups],
-        [g.rewards for g in groups],
+        rewards,
         [[s.logprobs for s in g.samples] for g in groups],
         pad_id=pad_id,
+        keep=keep,
     )
 
 
@@ -340,6 +356,7 @@ class TrainLoop:
             self.guard.consecutive = resumed.get("guard_consecutive", 0)
             self.guard.total = resumed.get("guard_total", 0)
         self.last_saved = self.first_step - 1  # the checkpoint this run started from (0: none)
+        self.position = self.first_position  # sampler position after the last step trained (what a checkpoint stores)
         self.sync: SyncState | None = None
         channel = ControlChannel.of_world()
         # The one place that tells rank 0 from the others.
@@ -376,7 +393,7 @@ class TrainLoop:
                         self.rollouts.stop_reason, self.last_saved)
             return True
         consumed_version = self.version
-        batch = batch_from_groups(groups, pad_id=0)
+        batch = batch_from_groups(groups, cfg)
         # 2. logp_lag: the engine's, or recomputed with the last pushed weights.
         extra = {}
         if self.frozen is not None:
@@ -414,6 +431,7 @@ class TrainLoop:
             if "gave_up" in message:
                 self.give_up(message["gave_up"], step)
             if "groups" in message:
+                self.position = message.get("position", self.position)  # every rank: the same message
                 return message["groups"]
             # Re-syncs resend the last push (the learner has moved on since); before the first push of
             # this process (start, resume) the current weights are this version's.
@@ -451,12 +469,11 @@ class TrainLoop:
         raise FleetGaveUp(f"{reason}: {kept}; run the same command again to resume once the engines can run")
 
     def save(self, done: int) -> None:  # collective
-        cfg = self.cfg
         self.checkpoints.save(done, self.policy, self.ctx, {
             "step": done, "policy_version": self.version,
-            # Work orders issued so far: the prompt stream and sampling seeds continue from here.
-            "sampler_position": step_orders(done, cfg.fleet.prompts_per_step, self.first_step,
-                                            self.first_position).stop,
+            # The first work order after the last step trained: the prompt stream and sampling seeds
+            # continue from here (with dynamic sampling, where that step's refill stopped).
+            "sampler_position": self.position,
             "guard_consecutive": self.guard.consecutive, "guard_total": self.guard.total})
         self.last_saved = done
 

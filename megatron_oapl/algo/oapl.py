@@ -23,7 +23,11 @@ over *every* sequence of the batch, also when ``filter_degenerate=True``):
 - ``v_star_mean``            mean of V* over the prompts
 - ``degenerate_group_frac``  fraction of groups whose rewards are all exactly equal
 - ``kept_seq_frac``          fraction of sequences that enter the loss sum
-                             (1.0 unless ``filter_degenerate=True``)
+                             (1.0 unless ``filter_degenerate=True`` or a ``keep`` mask drops some)
+
+A ``keep`` mask (e.g. truncated samples, ``algo.mask_truncated``) removes a sequence's own squared
+residual from the sum, never its reward from V*: the group's value estimate still sees every sample the
+policy drew, so the other members' advantages are what they would be without the mask.
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ def oapl_loss(
     *,
     normalizer: Optional[Normalizer] = None,
     filter_degenerate: bool = False,
+    keep: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """OAPL squared-residual loss, Eq. 3.
 
@@ -114,6 +119,9 @@ def oapl_loss(
             of the loss sum. An explicit ``normalizer`` is used unchanged; with
             ``normalizer=None`` the divisor is the number of kept sequences (if none is
             kept the loss is an exact 0 that still has a graph to ``logp``).
+        keep: optional bool ``[P, G]``: sequences whose squared residual enters the sum
+            (combined with ``filter_degenerate``; the divisor rule is the same). V* is
+            still computed from every reward of the group.
 
     Returns:
         ``(loss, metrics)``: a float32 scalar with grad, and detached float32 scalars
@@ -140,11 +148,16 @@ def oapl_loss(
     sq = residual.square()
 
     degenerate = degenerate_groups(r)  # [P]
-    keep: Optional[torch.Tensor] = None
     default_norm: Normalizer
+    if keep is not None:
+        if keep.shape != logp.shape:
+            raise ValueError(f"keep must be [P, G] like logp, got {tuple(keep.shape)}")
+        keep = keep.detach().to(device=sq.device, dtype=torch.bool)
     if filter_degenerate:
-        keep = (~degenerate)[:, None].expand(num_prompts, group)
-        # where (not multiply) so that no gradient at all reaches the dropped groups.
+        kept_groups = (~degenerate)[:, None].expand(num_prompts, group)
+        keep = kept_groups if keep is None else keep & kept_groups
+    if keep is not None:
+        # where (not multiply) so that no gradient at all reaches the dropped sequences.
         sq = torch.where(keep, sq, torch.zeros_like(sq))
         # a tensor, not .item(): no host sync on GPU.
         default_norm = keep.sum().clamp(min=1).to(dtype)

@@ -8,6 +8,8 @@ Layout (N = P groups x G samples, S = padded length):
 - `rewards[P, G]`, `logp_lag[P, G]`: sequence-level reward and log-prob under pi_lag.
 - `behaviour_logp[N, S]`: per-token engine log-probs aligned with `labels` (GRPO's IS ratio).
 - `lengths[N]`: real tokens of each row (prompt + completion); the rest of the row is padding.
+- `keep[P, G]` (optional): False for a sequence whose own loss term is masked (algo.mask_truncated); it
+  still counts in its group's V* / advantage baseline. None: every sequence enters the loss.
 
 Token-budget micro-batches (`parallel.micro_batch_tokens > 0`, `plan_micro_batches` + `layout`): the loss
 is a sum over sequences once V* is known per group, so whole *sequences* (not groups) are dealt into
@@ -34,6 +36,7 @@ class TrainBatch:
     behaviour_logp: torch.Tensor
     lengths: torch.Tensor
     group_size: int
+    keep: torch.Tensor | None = None
 
     @property
     def num_groups(self) -> int:
@@ -59,6 +62,7 @@ class TrainBatch:
             behaviour_logp=self.behaviour_logp[start * g : stop * g],
             lengths=self.lengths[start * g : stop * g],
             group_size=g,
+            keep=None if self.keep is None else self.keep[start:stop],
         )
 
     def shard(self, index: int, count: int) -> "TrainBatch":
@@ -77,7 +81,8 @@ class TrainBatch:
     def to(self, device: torch.device) -> "TrainBatch":
         return TrainBatch(
             **{
-                f.name: getattr(self, f.name).to(device) if f.name != "group_size" else self.group_size
+                f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor)
+                else getattr(self, f.name)
                 for f in fields(self)
             }
         )
@@ -90,11 +95,14 @@ def build_batch(
     token_logp: Sequence[Sequence[Sequence[float]]] | None = None,
     pad_id: int = 0,
     seq_length: int | None = None,
+    keep: Sequence[Sequence[bool]] | None = None,
 ) -> TrainBatch:
     """Pack P prompts with G completions each (token ids) into a TrainBatch.
 
     `token_logp[p][i]` are the engine's per-token log-probs of completion i (one per completion token);
     their sum is `logp_lag` (the `engine` source). Without them logp_lag is zero and must be recomputed.
+    `rewards` may be a [P, G] tensor (shaped rewards, algo/shaping.py); `keep[p][i]`: whether completion
+    i's own loss term counts (None: all).
     """
     num_groups, group_size = len(prompts), len(completions[0])
     rows = [list(prompts[p]) + list(c) for p in range(num_groups) for c in completions[p]]
@@ -119,11 +127,12 @@ def build_batch(
             values = torch.tensor(token_logp[p][i], dtype=torch.float32)
             behaviour[row, prompt_len - 1 : prompt_len - 1 + len(comp)] = values
     labels = torch.cat([tokens[:, 1:], torch.full((n, 1), pad_id, dtype=torch.long)], dim=1)
-    reward_t = torch.tensor(rewards, dtype=torch.float32).reshape(num_groups, group_size)
+    reward_t = torch.as_tensor(rewards, dtype=torch.float32).reshape(num_groups, group_size)
     logp_lag = (behaviour * loss_mask).sum(-1).reshape(num_groups, group_size)
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    keep_t = None if keep is None else torch.as_tensor(keep, dtype=torch.bool).reshape(num_groups, group_size)
     return TrainBatch(tokens=tokens, labels=labels, loss_mask=loss_mask, rewards=reward_t, logp_lag=logp_lag,
-                      behaviour_logp=behaviour, lengths=lengths, group_size=group_size)
+                      behaviour_logp=behaviour, lengths=lengths, group_size=group_size, keep=keep_t)
 
 
 # --------------------------------------------------------------------------------------------------

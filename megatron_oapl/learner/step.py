@@ -129,16 +129,19 @@ def _loss(spec: LossSpec, mb: TrainBatch, logits: torch.Tensor):
         zero = (seq_logp * 0).sum()
         return zero, torch.tensor(n_seq, dtype=torch.int), {"seq_logp": seq_logp.detach()}
     if spec.loss == "oapl":
+        # Masked sequences (mb.keep) leave the loss sum, not the divisor: as filter_degenerate_groups.
         loss, metrics = oapl_loss(
             seq_logp, mb.logp_lag, mb.rewards, spec.beta1, spec.beta2,
-            normalizer=1.0, filter_degenerate=spec.filter_degenerate,
+            normalizer=1.0, filter_degenerate=spec.filter_degenerate, keep=mb.keep,
         )
         count = n_seq
     elif spec.loss == "grpo":
         shape = (mb.num_groups, mb.group_size, mb.seq_length)
-        count = int(mask.sum().item())
+        # Masked sequences' tokens leave the token mean; their rewards still set the group's baseline.
+        loss_mask = mask if mb.keep is None else mask * mb.keep.flatten()[:, None].to(mask.dtype)
+        count = int(loss_mask.sum().item())
         loss, metrics = grpo_loss(
-            token_logp.view(shape), mb.behaviour_logp.view(shape), mask.view(shape), mb.rewards,
+            token_logp.view(shape), mb.behaviour_logp.view(shape), loss_mask.view(shape), mb.rewards,
             eps_low=spec.eps_low, eps_high=spec.eps_high, normalizer=1.0,
         )
     else:
@@ -195,7 +198,7 @@ class SequenceTargets:
 
     logp_lag: torch.Tensor
     advantage: torch.Tensor  # OAPL: r - V*(x); GRPO: the group-normalised advantage
-    keep: torch.Tensor  # bool: the sequence enters the loss sum (algo.filter_degenerate_groups)
+    keep: torch.Tensor  # bool: the sequence enters the loss sum (algo.filter_degenerate_groups, mask_truncated)
     token_weight: float  # global sequences / global masked tokens (token means through the seq divisor)
 
     @classmethod
@@ -208,6 +211,8 @@ class SequenceTargets:
         keep = torch.ones_like(rewards, dtype=torch.bool)
         if spec.loss == "oapl" and spec.filter_degenerate:
             keep = (~degenerate_groups(rewards))[:, None].expand_as(rewards)
+        if batch.keep is not None:
+            keep = keep & batch.keep
         weight = batch.num_sequences / max(float(batch.loss_mask.sum()), 1.0)
         return cls(batch.logp_lag.float().flatten().to(device), advantage.flatten().to(device),
                    keep.flatten().to(device), weight)
@@ -310,11 +315,12 @@ def _sequence_loss(spec: LossSpec, targets: SequenceTargets, mb: SequenceMicroBa
                   "kept_seq_frac": keep.float().sum()}
     elif spec.loss == "grpo":
         token_adv = torch.cat([targets.advantage.new_zeros(1), targets.advantage[idx]])[mb.segments + 1]
+        token_keep = torch.cat([keep.new_zeros(1), keep])[mb.segments + 1]
         log_ratio = token_logp - mb.behaviour_logp
         per_token, ratio, clipped = clipped_surrogate(log_ratio, token_adv, spec.eps_low, spec.eps_high)
-        on = mask != 0
+        on = (mask != 0) & token_keep
         loss = torch.where(on, per_token * mask, torch.zeros_like(per_token)).sum() + anchor
-        count = int(mask.sum().item())
+        count = int(on.sum().item())
         zero = torch.zeros_like(token_logp)
         lr, w = log_ratio.detach(), targets.token_weight
         record = {"clip_frac": (clipped & on).float().sum() * w,

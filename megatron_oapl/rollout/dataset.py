@@ -12,7 +12,8 @@ Token ids and the engine's per-token log-probs are stored as sampled, never re-t
 A round can be tens of GB, so nothing holds it whole: `RolloutDataset` indexes the byte offset of each
 order's line (reading only the `order_index` prefix of each line) and parses a line when a step asks for
 it; `oapl generate` appends each group as it arrives and a rerun of the same command samples only the
-orders not on disk yet.
+orders not on disk yet. With fleet.dynamic_sampling it samples past steps x prompts_per_step until every
+step has its groups with differing raw scores (or its limit), as training will skip the others.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import re
 import time
 from pathlib import Path
 
+from megatron_oapl.rollout.orders import all_equal
 from megatron_oapl.rollout.types import Prompt, RolloutGroup, Sample
 
 log = logging.getLogger(__name__)
@@ -285,6 +287,8 @@ def generate(cfg, cfg_dict: dict, out: str | Path, steps: int, progress: bool = 
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if cfg.fleet.dynamic_sampling:
+        return _generate_dynamic(cfg, cfg_dict, out, steps, progress)
     wanted = steps * cfg.fleet.prompts_per_step
     done = {i for i in orders_on_disk(out, cfg.fleet) if i < wanted}
     if done:
@@ -310,8 +314,8 @@ def generate(cfg, cfg_dict: dict, out: str | Path, steps: int, progress: bool = 
     return out
 
 
-def _serve_all(fleet, book, appender: GroupAppender, bar) -> None:
-    """Deal every open order of `book` and append each group as it arrives."""
+def _serve_all(fleet, book, appender: GroupAppender, bar, on_group=None) -> None:
+    """Deal every open order of `book` and append each group as it arrives (and pass it to `on_group`)."""
     while book.open:
         stale, arrived = fleet.serve(book, version=0)
         if stale:  # every engine, a restarted one too, holds the initial weights
@@ -319,10 +323,78 @@ def _serve_all(fleet, book, appender: GroupAppender, bar) -> None:
         for group in arrived:
             if book.delivered(("train", group.order_index)):
                 appender.append(group)
+                if on_group:
+                    on_group(group)
                 if bar:
                     bar.update(1)
-    if bar:
+    if bar and on_group is None:
         bar.close()
+
+
+def degenerate_on_disk(path: Path, fleet_cfg) -> dict[int, bool]:
+    """Order -> whether its group's raw scores are all equal, for every group already in `path` (a torn last
+    line is cut off first, as `orders_on_disk` does)."""
+    orders_on_disk(path, fleet_cfg)
+    if not path.is_file():
+        return {}
+    flags = {}
+    with path.open("rb") as f:
+        for line_no, line in enumerate(f, 1):
+            group = parse_group(line, f"{path}:{line_no}", fleet_cfg)
+            flags[group.order_index] = all_equal(group.rewards)
+    return flags
+
+
+def _generate_dynamic(cfg, cfg_dict: dict, out: Path, steps: int, progress: bool) -> Path:
+    """fleet.dynamic_sampling: sample orders 0, 1, ... until each of the `steps` steps has found its
+    prompts_per_step groups with differing raw scores (or reached the limit), as training will look for them
+    (rollout/orders.fill_step); every group sampled is written, so the file holds orders 0..n-1."""
+    from megatron_oapl.data.prompts import load_prompts
+    from megatron_oapl.rollout.fleet import Fleet
+    from megatron_oapl.rollout.orders import (
+        OrderBook,
+        PromptSampler,
+        check_prompt_count,
+        dynamic_sampling_limit,
+    )
+
+    per_step = cfg.fleet.prompts_per_step
+    known = degenerate_on_disk(out, cfg.fleet)  # order -> all-equal raw scores
+    if known:
+        print(f"[oapl] {out} already holds {len(known)} groups: sampling only what the {steps} steps still "
+              "need", flush=True)
+    num_prompts = len(load_prompts(cfg.data, "train"))
+    check_prompt_count(cfg, num_prompts)
+    book = OrderBook(PromptSampler(num_prompts, cfg.data.seed), cfg.seed, per_step, sync_every=steps,
+                     dynamic_limit=dynamic_sampling_limit(per_step, cfg.fleet.dynamic_sampling_max_orders))
+
+    def plan() -> None:  # orders up to what the steps are expected to look at, given what is known
+        rate = sum(known.values()) / len(known) if known else 0.0
+        book.plan_round(1, 0, known.get, rate)
+        for key in [k for k in book.open if k[1] in known]:
+            book.delivered(key)  # on disk already: never dealt
+
+    plan()
+    if not book.open:
+        return out
+    fleet, appender = Fleet(cfg, cfg_dict, cfg.model.hf_path), None
+    bar = _bar(progress, book.planned_until, len(known))
+    try:
+        fleet.wait_ready(list(fleet.engines), timeout_s=cfg.fleet.start_timeout_s)
+        appender = GroupAppender(out)
+        while book.open:  # each pass learns which groups were degenerate; the next tops the orders up
+            _serve_all(fleet, book, appender, bar,
+                       on_group=lambda g: known.__setitem__(g.order_index, all_equal(g.rewards)))
+            plan()
+            if bar:
+                bar.total = book.planned_until
+    finally:
+        if bar:
+            bar.close()
+        if appender:
+            appender.close()
+        fleet.close()
+    return out
 
 
 def _bar(progress: bool, total: int, initial: int):

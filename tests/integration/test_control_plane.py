@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from megatron_oapl import metrics as M
-from tests.integration.test_train_e2e import COMMON, ROOT, finish, oapl_train, scalars, tiny_model  # noqa: F401
+from tests.integration.test_train_e2e import COMMON, ROOT, finish, oapl_train, scalars
 
 CONFIG = str(ROOT / "configs" / "tiny.yaml")
 

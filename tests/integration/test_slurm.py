@@ -34,15 +34,6 @@ def cluster(tmp_path_factory):
         yield c
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    subprocess.run([sys.executable, str(ROOT / "tools" / "make_tiny_model.py"), "--out", str(out),
-                    "--sft-steps", "30", "data.num_train_prompts=500"], check=True, cwd=ROOT, timeout=600,
-                   stdout=subprocess.DEVNULL)
-    return out
-
-
 @pytest.fixture
 def in_cluster(cluster, monkeypatch):
     """Run `launch.slurm.main` in this process against the test cluster."""

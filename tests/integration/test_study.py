@@ -18,7 +18,6 @@ import yaml
 
 from megatron_oapl import metrics as M
 from megatron_oapl.study_report import read_scalars
-from tests.integration.test_train_e2e import tiny_model  # noqa: F401  (the session's tiny HF model)
 
 ROOT = Path(__file__).resolve().parents[2]
 CELLS = ["algo-oapl__seed-0", "algo-oapl__seed-1", "algo-grpo__seed-0", "algo-grpo__seed-1"]
@@ -46,7 +45,7 @@ def write_study(path: Path, model_dir: Path, out: Path, **extra) -> Path:
 
 
 @pytest.fixture(scope="module")
-def study(tiny_model, tmp_path_factory):  # noqa: F811
+def study(tiny_model, tmp_path_factory):
     """(study dir, output of the first (killed) invocation, output of the second, done.json mtimes of the
     cells finished before the kill)."""
     tmp = tmp_path_factory.mktemp("study")
@@ -140,7 +139,7 @@ def test_report_only_rebuilds_without_running(study):
     assert "start" not in text and (out / "report.md").is_file() and (out / "pass1_vs_step.png").is_file()
 
 
-def test_bad_override_is_one_line_before_any_run(tiny_model, tmp_path):  # noqa: F811
+def test_bad_override_is_one_line_before_any_run(tiny_model, tmp_path):
     study_file = write_study(tmp_path / "bad.yaml", tiny_model, tmp_path / "out",
                              axes={"algo.beta2": [0.5, -1.0]})
     proc = oapl_study(study_file)
@@ -150,7 +149,7 @@ def test_bad_override_is_one_line_before_any_run(tiny_model, tmp_path):  # noqa:
     assert not (tmp_path / "out").exists()
 
 
-def test_reuse_cell_samples_once_and_trains_offline(tiny_model, tmp_path):  # noqa: F811
+def test_reuse_cell_samples_once_and_trains_offline(tiny_model, tmp_path):
     """`reuse: 2`: the cell samples ceil(4 / 2) = 2 steps of groups once, then trains 4 offline steps on them
     (each group used twice, no weight push); the report counts 32 generations sampled, 64 consumed."""
     out = tmp_path / "out"

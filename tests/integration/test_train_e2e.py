@@ -16,14 +16,6 @@ from megatron_oapl import metrics as M
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    subprocess.run([sys.executable, str(ROOT / "tools" / "make_tiny_model.py"), "--out", str(out),
-                    "--sft-steps", "30", "data.num_train_prompts=500"], check=True, cwd=ROOT, timeout=600)
-    return out
-
-
 COMMON = ("data.num_eval_prompts=16", "data.num_train_prompts=500", "eval.num_samples=4", "fleet.prompts_per_step=4")
 
 
