@@ -174,7 +174,20 @@ def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML run config, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*",
                    help="dotted config overrides, e.g. run_dir=/shared/runs/a optim.train_steps=50")
+    _add_component_arguments(p)
+    _add_job_arguments(p)
+    _add_environment_arguments(p)
+    g = p.add_argument_group("checks and output")
+    g.add_argument("--dry-run", action="store_true", help="print the sbatch script; write and submit nothing")
+    g.add_argument("--no-cluster-check", action="store_true",
+                   help="do not query the cluster (render without sinfo/scontrol; only with --dry-run)")
+    g.add_argument("--allow-local-paths", action="store_true",
+                   help="allow run_dir / workdir / model / python under node-local paths (/tmp, /dev/shm, ...): "
+                        "only right when the login and compute nodes are the same machine")
+    add_memory_check_arguments(g)  # --gpu-memory-gb, --force: the memory plan (megatron_oapl/plan.py)
 
+
+def _add_component_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("learners (heterogeneous component 0; the first nodes with --homogeneous)")
     g.add_argument("--learner-nodes", type=int, default=1, help="learner nodes (default 1)")
     g.add_argument("--learner-gpus-per-node", type=int, default=None,
@@ -212,6 +225,8 @@ def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
                         "(sets fleet.external=true); local (the default with --fleet-nodes 0): the coordinator "
                         "starts the engines beside itself, and fleet nodes, if any, only record their placement")
 
+
+def _add_job_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("job")
     g.add_argument("--partition", help="partition of both components (per-component options win)")
     g.add_argument("--account", help="account of both components")
@@ -238,6 +253,8 @@ def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
                         "queues itself again. For clusters where the --signal warning does not arrive")
     g.add_argument("--master-port", type=int, help="rendezvous port of the learners (default: from the job id)")
 
+
+def _add_environment_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("environment and containers")
     g.add_argument("--env", action="append", default=[], metavar="KEY=VAL",
                    help="export KEY=VAL in the job (repeatable; overrides the defaults, e.g. "
@@ -257,15 +274,6 @@ def add_slurm_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--container-mounts", action="append", default=[], metavar="SRC:DST[,...]",
                    help="extra pyxis mounts (repeatable); the workdir, run_dir, a local model.hf_path and the "
                         "data / offline-dataset directories are always mounted at the same path")
-
-    g = p.add_argument_group("checks and output")
-    g.add_argument("--dry-run", action="store_true", help="print the sbatch script; write and submit nothing")
-    g.add_argument("--no-cluster-check", action="store_true",
-                   help="do not query the cluster (render without sinfo/scontrol; only with --dry-run)")
-    g.add_argument("--allow-local-paths", action="store_true",
-                   help="allow run_dir / workdir / model / python under node-local paths (/tmp, /dev/shm, ...): "
-                        "only right when the login and compute nodes are the same machine")
-    add_memory_check_arguments(g)  # --gpu-memory-gb, --force: the memory plan (megatron_oapl/plan.py)
 
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -490,17 +498,75 @@ def _check_partition(comp: Component, count_nodes: int, cluster: ClusterInfo, *,
                       f"({', '.join(n.name for n in fitting) or 'none'})")
 
 
+# make_plan runs the builders below in order; each appends to the same `errors`, so one run lists every
+# problem at once, and the plan stops early only where a later step cannot go on without the earlier one.
+
+
+@dataclasses.dataclass
+class _Layout:
+    """Where the job's parts go: the job mode, the fleet's mode and nodes, each component's partition."""
+
+    mode: str  # het | homogeneous | single (no fleet nodes)
+    fleet_mode: str  # external | local
+    fleet_nodes: int
+    offline: bool  # lag.mode=offline: the learners replay a dataset, no engines anywhere
+    learner_partition: str | None
+    fleet_partition: str | None
+
+
+@dataclasses.dataclass
+class _Paths:
+    """The paths the compute nodes need, made absolute, and the config overrides that point the job at them."""
+
+    run_dir: Path
+    workdir: Path
+    local_model: Path | None  # model.hf_path when it is a directory here (else a hub id)
+    inputs: list[tuple[str, Path]]  # (config field, absolute path) of every input file or directory
+    overrides: list[str]
+    container: str | None
+    python: str
+
+
 def make_plan(args, cluster: ClusterInfo | None) -> Plan:
     """Check everything and compute the job's shape; raises LaunchError listing every problem."""
     errors: list[str] = []
+    warnings: list[str] = []
     cfg = _load_run_config(args, [], errors)
     if cfg is None:
         raise LaunchError(errors)
-    tp = cfg.parallel.tensor_model_parallel_size
-    pp = cfg.parallel.pipeline_model_parallel_size
-    mp = tp * pp
-    etp = cfg.fleet.engine_tensor_parallel_size
+    _check_option_ranges(args, errors)
+    if errors:
+        raise LaunchError(errors)
+    layout = _layout(args, cfg, cluster, errors)
+    learner = _learner_component(args, cfg, layout.learner_partition, cluster, errors)
+    fleet, engines_per_node, num_engines = _fleet_component(args, cfg, layout, learner, cluster, errors)
+    _check_cluster(args, cluster, layout.mode, learner, fleet, errors)
+    paths = _resolve_paths(args, cfg, errors, warnings)
+    _check_shared_paths(args, paths, errors)
+    config_yaml = _job_config_yaml(args, layout.fleet_mode, num_engines, paths.overrides, errors)
+    env, learner_env, signal = _environment(args, errors)
+    launch_memory_check(cfg, args, learner.ntasks, learner.gpus_per_node, errors, warnings)
+    if errors:
+        raise LaunchError(errors)
 
+    if layout.fleet_mode == "local" and learner.gpus_per_node > 0 and fleet is not None:
+        warnings.append("--fleet-mode=local: the engines run on the learner nodes beside the coordinator (the fleet "
+                        "nodes only record their placement); --fleet-mode=external runs them on the fleet nodes")
+    return Plan(
+        mode=layout.mode, job_name=args.job_name or f"oapl-{paths.run_dir.name}", workdir=paths.workdir,
+        run_dir=paths.run_dir, python=paths.python, learner=learner, fleet=fleet, fleet_mode=layout.fleet_mode,
+        engines_per_node=engines_per_node, num_engines=num_engines, env=env, learner_env=learner_env,
+        setup=list(args.setup),
+        signal=signal, requeue=args.requeue, max_requeues=args.max_requeues, save_by_minutes=args.save_by,
+        master_port=args.master_port, exclusive=args.exclusive, container_mounts=_container_mounts(args, paths),
+        config_yaml=config_yaml,
+        command_line=" ".join(shlex.quote(a) for a in (getattr(args, "argv", None) or ["oapl", *sys.argv[1:]])),
+        warnings=warnings,
+    )
+
+
+def _check_option_ranges(args, errors: list[str]) -> None:
+    """Counts and sizes are not negative (nodes, ranks and CPUs at least 1)."""
     for opt in ("learner_nodes", "fleet_nodes", "learner_gpus_per_node", "fleet_gpus_per_node",
                 "learner_tasks_per_node", "learner_cpus_per_task", "fleet_cpus_per_node", "max_requeues"):
         value = getattr(args, opt)
@@ -508,11 +574,13 @@ def make_plan(args, cluster: ClusterInfo | None) -> Plan:
                                "fleet_cpus_per_node") else 0
         if value is not None and value < minimum:
             errors.append(f"--{opt.replace('_', '-')}={value} must be >= {minimum}")
-    if errors:
-        raise LaunchError(errors)
 
+
+def _layout(args, cfg, cluster: ClusterInfo | None, errors: list[str]) -> _Layout:
+    """The job mode, the fleet's nodes and mode, and each component's partition (the cluster's default when
+    none is given)."""
     homogeneous = args.homogeneous
-    offline = cfg.lag.mode == "offline"  # the learners replay a dataset: no engines anywhere
+    offline = cfg.lag.mode == "offline"
     fleet_nodes = args.fleet_nodes if args.fleet_nodes is not None else (0 if offline else 1)
     if offline and fleet_nodes > 0:
         errors.append(f"--fleet-nodes={fleet_nodes}: lag.mode='offline' runs no fleet (allowed: 0, the default "
@@ -534,19 +602,23 @@ def make_plan(args, cluster: ClusterInfo | None) -> Plan:
     if homogeneous and args.fleet_partition and args.fleet_partition != learner_partition:
         errors.append(f"--fleet-partition={args.fleet_partition}: --homogeneous is one job in one partition "
                       f"({learner_partition}); drop --fleet-partition or the --homogeneous flag")
+    return _Layout(mode, fleet_mode, fleet_nodes, offline, learner_partition, fleet_partition)
 
-    def node_max(partition, attr) -> int | None:
-        if cluster is None or partition not in cluster.partitions or not cluster.partitions[partition].nodes:
-            return None
-        return max(getattr(n, attr) for n in cluster.partitions[partition].nodes)
 
-    def node_min(partition, attr) -> int | None:
-        if cluster is None or partition not in cluster.partitions or not cluster.partitions[partition].nodes:
-            return None
-        return min(getattr(n, attr) for n in cluster.partitions[partition].nodes)
+def _node_extreme(cluster: ClusterInfo | None, partition: str | None, attr: str, pick) -> int | None:
+    """`pick` (max or min) of the nodes' `attr` (gpus, cpus) in `partition`; None without a cluster or nodes."""
+    if cluster is None or partition not in cluster.partitions or not cluster.partitions[partition].nodes:
+        return None
+    return pick(getattr(n, attr) for n in cluster.partitions[partition].nodes)
 
-    # ---- learners: one rank per GPU (or --learner-tasks-per-node ranks on CPU nodes)
-    lg = _pick(args.learner_gpus_per_node, node_max(learner_partition, "gpus"), 0)
+
+def _learner_component(args, cfg, partition: str | None, cluster: ClusterInfo | None,
+                       errors: list[str]) -> Component:
+    """One learner rank per GPU (or --learner-tasks-per-node ranks on CPU nodes); the ranks fit TP x PP x DP."""
+    tp = cfg.parallel.tensor_model_parallel_size
+    pp = cfg.parallel.pipeline_model_parallel_size
+    mp = tp * pp
+    lg = _pick(args.learner_gpus_per_node, _node_extreme(cluster, partition, "gpus", max), 0)
     dp = cfg.parallel.data_parallel_size
     if lg > 0:
         ltpn = lg
@@ -578,19 +650,26 @@ def make_plan(args, cluster: ClusterInfo | None) -> Plan:
                           f"{per_opt}): {e}" for e in err.errors)
     lcpt = args.learner_cpus_per_task
     if lcpt is None:
-        node_cpus = node_min(learner_partition, "cpus")
+        node_cpus = _node_extreme(cluster, partition, "cpus", min)
         lcpt = max(1, node_cpus // ltpn) if node_cpus else 1
-    learner = Component("learner", learner_partition, args.learner_nodes, ltpn, lcpt, lg,
-                        _pick(args.learner_account, args.account), _pick(args.learner_time, args.time),
-                        list(args.learner_sbatch_arg), args.container_image)
+    return Component("learner", partition, args.learner_nodes, ltpn, lcpt, lg,
+                     _pick(args.learner_account, args.account), _pick(args.learner_time, args.time),
+                     list(args.learner_sbatch_arg), args.container_image)
 
-    # ---- fleet: one fleet_node task per node, one engine per `engine TP` GPUs
+
+def _fleet_component(args, cfg, layout: _Layout, learner: Component, cluster: ClusterInfo | None,
+                     errors: list[str]) -> tuple[Component | None, int, int]:
+    """(fleet component or None, engines per fleet node, engines of the run): one fleet_node task per node,
+    one engine per `engine TP` GPUs."""
+    etp = cfg.fleet.engine_tensor_parallel_size
+    lg = learner.gpus_per_node
     fleet = None
     engines_per_node = 0
     num_engines = cfg.fleet.num_engines
-    if fleet_nodes > 0:
-        fg = _pick(args.fleet_gpus_per_node, lg if homogeneous else node_max(fleet_partition, "gpus"), 0)
-        if homogeneous and fg != lg:
+    if layout.fleet_nodes > 0:
+        fg = _pick(args.fleet_gpus_per_node,
+                   lg if args.homogeneous else _node_extreme(cluster, layout.fleet_partition, "gpus", max), 0)
+        if args.homogeneous and fg != lg:
             errors.append(f"--fleet-gpus-per-node={fg} must equal --learner-gpus-per-node={lg} with --homogeneous "
                           "(one job allocates the same GPUs on every node)")
         if fg > 0:
@@ -600,76 +679,89 @@ def make_plan(args, cluster: ClusterInfo | None) -> Plan:
                               f"(one engine per {etp} GPUs of a node; allowed engine TP: {divisors})")
             engines_per_node = max(1, fg // etp)
         else:
-            engines_per_node = max(1, -(-cfg.fleet.num_engines // fleet_nodes))
+            engines_per_node = max(1, -(-cfg.fleet.num_engines // layout.fleet_nodes))
         fcpn = args.fleet_cpus_per_node
         if fcpn is None:
-            fcpn = node_min(fleet_partition, "cpus") or 1
-        fleet = Component("fleet", fleet_partition, fleet_nodes, 1, fcpn, fg,
+            fcpn = _node_extreme(cluster, layout.fleet_partition, "cpus", min) or 1
+        fleet = Component("fleet", layout.fleet_partition, layout.fleet_nodes, 1, fcpn, fg,
                           _pick(args.fleet_account, args.account), _pick(args.fleet_time, args.time),
                           list(args.fleet_sbatch_arg), _pick(args.fleet_container_image, args.container_image))
-        if fleet_mode == "external":
-            num_engines = fleet_nodes * engines_per_node
-    elif fleet_mode == "external":
+        if layout.fleet_mode == "external":
+            num_engines = layout.fleet_nodes * engines_per_node
+    elif layout.fleet_mode == "external":
         errors.append("--fleet-mode=external needs fleet nodes (--fleet-nodes >= 1)")
-    if fleet_mode == "local" and not offline and lg > 0:
-        # The coordinator places its engines after the learners' GPUs (rollout/placement.py): refused here
-        # when the learner node has none left, as the job would refuse it at its start.
-        from megatron_oapl.config import ConfigError
-        from megatron_oapl.rollout.placement import engine_gpu_slices
+    if layout.fleet_mode == "local" and not layout.offline and lg > 0:
+        _check_local_engines(cfg, learner, errors)
+    return fleet, engines_per_node, num_engines
 
-        try:
-            engine_gpu_slices(cfg.fleet.num_engines, etp, [str(i) for i in range(lg)], ltpn)
-        except ConfigError as err:
-            errors.append(f"--fleet-mode=local with --learner-gpus-per-node={lg}: {err}")
 
-    # ---- the cluster
+def _check_local_engines(cfg, learner: Component, errors: list[str]) -> None:
+    """--fleet-mode=local: the coordinator places its engines after the learners' GPUs (rollout/placement.py);
+    refused here when the learner node has none left, as the job would refuse it at its start."""
+    from megatron_oapl.config import ConfigError
+    from megatron_oapl.rollout.placement import engine_gpu_slices
+
+    lg = learner.gpus_per_node
+    try:
+        engine_gpu_slices(cfg.fleet.num_engines, cfg.fleet.engine_tensor_parallel_size,
+                          [str(i) for i in range(lg)], learner.tasks_per_node)
+    except ConfigError as err:
+        errors.append(f"--fleet-mode=local with --learner-gpus-per-node={lg}: {err}")
+
+
+def _check_cluster(args, cluster: ClusterInfo | None, mode: str, learner: Component, fleet: Component | None,
+                   errors: list[str]) -> None:
+    """Each component's partition has the nodes, CPUs and GPUs asked; pyxis is there for a container."""
+    if cluster is None:
+        if not args.dry_run:
+            errors.append("--no-cluster-check is only allowed with --dry-run (a submission is always checked)")
+        return
     learner_cpus = (f"--learner-cpus-per-task={learner.cpus_per_task} x {learner.tasks_per_node} rank(s) per "
                     f"node = {learner.cpus_per_node} CPUs per node")
-    if cluster is not None:
-        lopt = "--learner-partition" if args.learner_partition else "--partition"
-        if mode == "homogeneous":
-            both = dataclasses.replace(learner, cpus_per_task=max(learner.cpus_per_node, fleet.cpus_per_node),
-                                       tasks_per_node=1)
-            desc = (learner_cpus if learner.cpus_per_node >= fleet.cpus_per_node
-                    else f"--fleet-cpus-per-node={fleet.cpus_per_node}")
-            _check_partition(both, learner.nodes + fleet.nodes, cluster, part_opt=lopt, cpu_desc=desc,
-                             nodes_desc=f"--learner-nodes={learner.nodes} + --fleet-nodes={fleet.nodes}",
-                             gpu_opt="--learner-gpus-per-node", errors=errors)
-        else:
-            _check_partition(learner, learner.nodes, cluster, part_opt=lopt, cpu_desc=learner_cpus,
-                             nodes_desc=f"--learner-nodes={learner.nodes}", gpu_opt="--learner-gpus-per-node",
+    lopt = "--learner-partition" if args.learner_partition else "--partition"
+    if mode == "homogeneous":
+        # One job: every node must fit the bigger of the two components' per-node asks.
+        both = dataclasses.replace(learner, cpus_per_task=max(learner.cpus_per_node, fleet.cpus_per_node),
+                                   tasks_per_node=1)
+        desc = (learner_cpus if learner.cpus_per_node >= fleet.cpus_per_node
+                else f"--fleet-cpus-per-node={fleet.cpus_per_node}")
+        _check_partition(both, learner.nodes + fleet.nodes, cluster, part_opt=lopt, cpu_desc=desc,
+                         nodes_desc=f"--learner-nodes={learner.nodes} + --fleet-nodes={fleet.nodes}",
+                         gpu_opt="--learner-gpus-per-node", errors=errors)
+    else:
+        _check_partition(learner, learner.nodes, cluster, part_opt=lopt, cpu_desc=learner_cpus,
+                         nodes_desc=f"--learner-nodes={learner.nodes}", gpu_opt="--learner-gpus-per-node",
+                         errors=errors)
+        if fleet is not None:
+            _check_partition(fleet, fleet.nodes, cluster,
+                             part_opt="--fleet-partition" if args.fleet_partition else "--partition",
+                             cpu_desc=f"--fleet-cpus-per-node={fleet.cpus_per_node}",
+                             nodes_desc=f"--fleet-nodes={fleet.nodes}", gpu_opt="--fleet-gpus-per-node",
                              errors=errors)
-            if fleet is not None:
-                _check_partition(fleet, fleet.nodes, cluster,
-                                 part_opt="--fleet-partition" if args.fleet_partition else "--partition",
-                                 cpu_desc=f"--fleet-cpus-per-node={fleet.cpus_per_node}",
-                                 nodes_desc=f"--fleet-nodes={fleet.nodes}", gpu_opt="--fleet-gpus-per-node",
-                                 errors=errors)
-        if (args.container_image or args.fleet_container_image) and not cluster.pyxis:
-            errors.append(f"--container-image={args.container_image or args.fleet_container_image}: srun has no "
-                          "--container-image option here (the pyxis SPANK plugin is not loaded); drop the option "
-                          "or ask the admins for pyxis/enroot")
-    elif not args.dry_run:
-        errors.append("--no-cluster-check is only allowed with --dry-run (a submission is always checked)")
+    if (args.container_image or args.fleet_container_image) and not cluster.pyxis:
+        errors.append(f"--container-image={args.container_image or args.fleet_container_image}: srun has no "
+                      "--container-image option here (the pyxis SPANK plugin is not loaded); drop the option "
+                      "or ask the admins for pyxis/enroot")
 
-    # ---- paths the compute nodes need
+
+def _resolve_paths(args, cfg, errors: list[str], warnings: list[str]) -> _Paths:
+    """run_dir, the workdir, a local model and the input files, made absolute (the job runs in --workdir, not
+    where this command was typed); the inputs must exist (a warning only with --dry-run)."""
     run_dir = Path(cfg.run_dir).expanduser().resolve()
     workdir = Path(args.workdir).expanduser().resolve() if args.workdir else REPO_ROOT
     if not (workdir / "launch" / "srun_env.py").is_file():
         errors.append(f"--workdir={workdir} does not hold launch/srun_env.py (the repository root does)")
     hf_path = cfg.model.hf_path
-    extra = [f"run_dir={json.dumps(str(run_dir))}"]
+    overrides = [f"run_dir={json.dumps(str(run_dir))}"]
     local_model = None
     if hf_path and Path(hf_path).expanduser().exists():
         local_model = Path(hf_path).expanduser().resolve()
-        extra.append(f"model.hf_path={json.dumps(str(local_model))}")
-    # Inputs the job reads, made absolute: the job runs in --workdir, not where this command was typed.
-    warnings: list[str] = []
+        overrides.append(f"model.hf_path={json.dumps(str(local_model))}")
     inputs: list[tuple[str, Path]] = []
     for name, value, files, hint in _input_files(cfg):
         absolute = Path(os.path.abspath(os.path.expanduser(value)))
         if str(absolute) != value:
-            extra.append(f"{name}={json.dumps(str(absolute))}")
+            overrides.append(f"{name}={json.dumps(str(absolute))}")
         inputs.append((name, absolute))
         missing = [os.path.abspath(os.path.expanduser(f)) for f in files if not Path(f).expanduser().exists()]
         if missing:
@@ -681,35 +773,48 @@ def make_plan(args, cluster: ClusterInfo | None) -> Plan:
                 errors.append(problem)
     container = args.container_image or args.fleet_container_image
     python = args.python or ("python" if container else sys.executable)
-    if not args.allow_local_paths:
-        checks = [("run_dir", run_dir), ("--workdir", workdir)]
-        if local_model:
-            checks.append(("model.hf_path", local_model))
-        checks += inputs
-        if not container and os.path.isabs(python):
-            checks.append(("--python", Path(python)))
-        for name, path in checks:
-            reason = _local_path_reason(path)
-            if reason:
-                errors.append(f"{name}={path} is {reason}, which compute nodes do not share: use a path on a "
-                              "shared filesystem, or pass --allow-local-paths if the login node is the compute "
-                              "node")
+    return _Paths(run_dir, workdir, local_model, inputs, overrides, container, python)
 
-    # ---- the job config (resolved, absolute paths; what every rank trains with)
+
+def _check_shared_paths(args, paths: _Paths, errors: list[str]) -> None:
+    """Every path the compute nodes read is on a shared filesystem (unless --allow-local-paths)."""
+    if args.allow_local_paths:
+        return
+    checks = [("run_dir", paths.run_dir), ("--workdir", paths.workdir)]
+    if paths.local_model:
+        checks.append(("model.hf_path", paths.local_model))
+    checks += paths.inputs
+    if not paths.container and os.path.isabs(paths.python):
+        checks.append(("--python", Path(paths.python)))
+    for name, path in checks:
+        reason = _local_path_reason(path)
+        if reason:
+            errors.append(f"{name}={path} is {reason}, which compute nodes do not share: use a path on a "
+                          "shared filesystem, or pass --allow-local-paths if the login node is the compute "
+                          "node")
+
+
+def _job_config_yaml(args, fleet_mode: str, num_engines: int, overrides: list[str], errors: list[str]) -> str:
+    """The job config (resolved, absolute paths; what every rank trains with) as YAML; "" when it is invalid."""
+    overrides = list(overrides)
     if fleet_mode == "external":
-        extra += ["fleet.external=true", f"fleet.num_engines={num_engines}"]
+        overrides += ["fleet.external=true", f"fleet.num_engines={num_engines}"]
         import importlib.util
 
         if importlib.util.find_spec("megatron_oapl.rollout.fleet_node") is None:
             errors.append("--fleet-mode=external needs megatron_oapl.rollout.fleet_node, which this version does "
                           "not have (use --fleet-mode=local)")
-    job_cfg = _load_run_config(args, extra, errors)
-    config_yaml = ""
-    if job_cfg is not None:
-        from megatron_oapl.config import to_yaml
+    job_cfg = _load_run_config(args, overrides, errors)
+    if job_cfg is None:
+        return ""
+    from megatron_oapl.config import to_yaml
 
-        config_yaml = to_yaml(job_cfg, docs=True)
+    return to_yaml(job_cfg, docs=True)
 
+
+def _environment(args, errors: list[str]) -> tuple[dict[str, str], dict[str, str], str | None]:
+    """(job env, learner-step env, --signal or None): the defaults under --env; the signal and --save-by
+    checked."""
     env_errors: list[str] = []
     env = {} if args.no_default_env else dict(DEFAULT_ENV)
     env.update(_parse_env(args.env, env_errors))
@@ -720,34 +825,25 @@ def make_plan(args, cluster: ClusterInfo | None) -> Plan:
         errors.append(f"--signal={signal} must look like [B:]SIGNAL[@SECONDS], e.g. B:USR1@120")
     if args.save_by is not None and args.save_by <= 0:
         errors.append(f"--save-by={args.save_by} must be > 0 minutes")
-    launch_memory_check(cfg, args, world, lg, errors, warnings)
-    if errors:
-        raise LaunchError(errors)
+    return env, learner_env, signal
 
-    if fleet_mode == "local" and lg > 0 and fleet is not None:
-        warnings.append("--fleet-mode=local: the engines run on the learner nodes beside the coordinator (the fleet "
-                        "nodes only record their placement); --fleet-mode=external runs them on the fleet nodes")
+
+def _container_mounts(args, paths: _Paths) -> list[str]:
+    """pyxis mounts: the workdir, run_dir, a local model and the inputs' directories at the same path (none
+    nested in another), then --container-mounts."""
+    if not paths.container:
+        return []
     mounts = []
-    if container:
-        input_dirs = [p if Path(p).is_dir() else p.parent for _, p in inputs]
-        mounted: list[Path] = []
-        for path in dict.fromkeys(p for p in (workdir, run_dir, local_model, *input_dirs) if p is not None):
-            if not any(m == path or m in path.parents for m in mounted):  # inside a mount already
-                mounted.append(path)
-                mounts.append(f"{path}:{path}")
-        for item in args.container_mounts:
-            mounts += [m for m in item.split(",") if m]
-    return Plan(
-        mode=mode, job_name=args.job_name or f"oapl-{run_dir.name}", workdir=workdir, run_dir=run_dir,
-        python=python, learner=learner, fleet=fleet, fleet_mode=fleet_mode,
-        engines_per_node=engines_per_node, num_engines=num_engines, env=env, learner_env=learner_env,
-        setup=list(args.setup),
-        signal=signal, requeue=args.requeue, max_requeues=args.max_requeues, save_by_minutes=args.save_by,
-        master_port=args.master_port, exclusive=args.exclusive, container_mounts=mounts,
-        config_yaml=config_yaml,
-        command_line=" ".join(shlex.quote(a) for a in (getattr(args, "argv", None) or ["oapl", *sys.argv[1:]])),
-        warnings=warnings,
-    )
+    input_dirs = [p if Path(p).is_dir() else p.parent for _, p in paths.inputs]
+    mounted: list[Path] = []
+    candidates = (paths.workdir, paths.run_dir, paths.local_model, *input_dirs)
+    for path in dict.fromkeys(p for p in candidates if p is not None):
+        if not any(m == path or m in path.parents for m in mounted):  # inside a mount already
+            mounted.append(path)
+            mounts.append(f"{path}:{path}")
+    for item in args.container_mounts:
+        mounts += [m for m in item.split(",") if m]
+    return mounts
 
 
 # --------------------------------------------------------------------------------------------------

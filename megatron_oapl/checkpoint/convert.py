@@ -9,14 +9,16 @@ name/layout map (`models.hf_mapping`) and the live-model resharding code (`weigh
 megatron-to-hf: `--ckpt` is a checkpoint directory, a `checkpoints/` root or a run directory (its
 `latest`). The checkpoint is verified against its manifest, then loaded on one spawned rank with TP=PP=1
 (Megatron's sharded checkpoint reshards on load, whatever TP x PP x DP saved it); the model is built
-from the `config.yaml` stored in the checkpoint. Output: `config.json` (a LlamaConfig / Qwen2Config /
-Qwen3Config made by transformers from the preset and the model fields, with `dtype`), `model.safetensors`
-(or 2 GB shards + `model.safetensors.index.json`), `generation_config.json`, and the tokenizer files of
-`model.hf_path` when that directory exists. FP8-trained models are exported dequantised (Transformer
-Engine FP8 parameters go through `is_float8tensor` -> `dequantize_fp8_tensor`; the model is rebuilt
-without FP8 for the export, so what is written is the high-precision weight). That path needs a GPU
-with Transformer Engine and is not exercised on CPU. The exported weights are the model parameters
-(bf16 when trained in bf16), not the optimizer's fp32 master copies.
+from the `config.yaml` stored in the checkpoint. The weights go through the writer of `oapl train`'s final
+export (`weights.export.export_hf_model`: one shard in memory at a time). Output: `config.json` (a
+LlamaConfig / Qwen2Config / Qwen3Config made by transformers from the preset and the model fields, with
+`dtype`), safetensors shards of at most 2 GiB (`model-s000-<k>.safetensors`) + `model.safetensors.index.json`,
+`generation_config.json`, and the tokenizer files of `model.hf_path` when that directory exists.
+FP8-trained models are exported in high precision: the model is rebuilt without FP8 for the export, so
+what is written is the high-precision weight (and `weights.reshard` dequantises any Transformer Engine
+FP8 parameter it hands out). That path needs a GPU with Transformer Engine and is not exercised on CPU.
+The exported weights are the model parameters (bf16 when trained in bf16), not the optimizer's fp32
+master copies.
 
 hf-to-megatron: the architecture comes from the HF `config.json` (`models.hf_config`); the rest of the
 run config (precision, optimizer, ...) from `--config` when given. `tp * pp` ranks are spawned; each
@@ -31,10 +33,9 @@ import argparse
 import dataclasses
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -54,12 +55,6 @@ def _dtype_name(dtype) -> str:
     if isinstance(dtype, str):
         return dtype
     return {v: k for k, v in ((n, torch_dtype(n)) for n in DTYPES)}[dtype]
-MAX_SHARD_BYTES = 2 * 1024**3
-# Tokenizer files copied from model.hf_path (config.json and generation_config.json are written anew).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
-_SINGLE = "model.safetensors"
-_INDEX = "model.safetensors.index.json"
 
 
 class ConversionError(RuntimeError):
@@ -176,78 +171,19 @@ def hf_config(model_cfg, dtype, source_dir: str | Path | None = None):
 # --------------------------------------------------------------------------------------------------
 
 
-def dequantized(named: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """FP8 parameters (Transformer Engine Float8Tensor) as high-precision tensors; others unchanged."""
-    try:
-        from megatron.core.fp8_utils import dequantize_fp8_tensor, is_float8tensor
-    except ImportError:  # pragma: no cover - older megatron-core
-        yield from named
-        return
-    for name, tensor in named:
-        yield name, (dequantize_fp8_tensor(tensor) if is_float8tensor(tensor) else tensor)
-
-
-def write_safetensors(named: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, dtype: torch.dtype,
-                      max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
-    """Stream tensors into `model.safetensors`, or into shards of at most `max_shard_bytes` plus
-    `model.safetensors.index.json` when they do not fit one file. Holds one shard in memory."""
-    from safetensors.torch import save_file
-
-    from megatron_oapl.weights.hf_io import save_hf_model
-
-    out = Path(out_dir)
-    for stale in list(out.glob("model*.safetensors")) + list(out.glob(_INDEX)):
-        stale.unlink()  # a previous export into the same directory (possibly sharded differently)
-    shard: list[tuple[str, torch.Tensor]] = []
-    shard_bytes = 0
-    written: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
-    total = 0
-
-    def flush():
-        nonlocal shard, shard_bytes
-        tmp_name = f".shard-{len(written):05d}.safetensors"
-        save_file(dict(shard), str(out / tmp_name), metadata={"format": "pt"})
-        written.append((tmp_name, [n for n, _ in shard]))
-        shard, shard_bytes = [], 0
-
-    for name, tensor in named:
-        tensor = tensor.detach().to(dtype).contiguous().cpu()
-        size = tensor.numel() * tensor.element_size()
-        if shard and shard_bytes + size > max_shard_bytes:
-            flush()
-        shard.append((name, tensor))
-        shard_bytes += size
-        total += size
-    if not written:  # everything fits one file: the common writer
-        save_hf_model(shard, out, out, dtype)
-        return [_SINGLE]
-    flush()
-    count = len(written)
-    weight_map, names = {}, []
-    for i, (tmp_name, tensor_names) in enumerate(written):
-        final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-        os.replace(out / tmp_name, out / final)
-        names.append(final)
-        weight_map.update({n: final for n in tensor_names})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / _INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    return names
-
-
 def write_hf_side_files(out_dir: Path, config, source_dir: str | Path | None) -> None:
-    """config.json, generation_config.json and the tokenizer files of `source_dir` (if any)."""
+    """config.json (written anew: it describes the checkpoint's model), then the other side files of
+    `source_dir` (if any): generation_config.json (made from the config when the source has none) and the
+    tokenizer files."""
     import transformers
+
+    from megatron_oapl.weights.hf_io import SIDE_FILES, copy_side_files
 
     config.save_pretrained(str(out_dir))
     source = Path(source_dir) if source_dir else None
-    if source is not None and (source / "generation_config.json").is_file():
-        shutil.copy2(source / "generation_config.json", out_dir / "generation_config.json")
-    else:
+    if source is None or not (source / "generation_config.json").is_file():
         transformers.GenerationConfig.from_model_config(config).save_pretrained(str(out_dir))
-    if source is not None and source.is_dir():
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, out_dir / name)
+    copy_side_files(source, out_dir, [name for name in SIDE_FILES if name != "config.json"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,8 +203,7 @@ def _weights_model(cfg, ctx):
     return [module.to(ctx.device)], tconfig
 
 
-def export_hf_rank(cfg, ctx, ckpt_dir: str | Path, out_dir: str | Path, dtype,
-                   max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+def export_hf_rank(cfg, ctx, ckpt_dir: str | Path, out_dir: str | Path, dtype) -> Path:
     """Load checkpoint `ckpt_dir` into a TP=PP=1 model and write the HF directory `out_dir` with
     weights in `dtype` (torch dtype or bf16 | fp16 | fp32). `cfg` is `export_config(ckpt_dir)`.
 
@@ -280,24 +215,22 @@ def export_hf_rank(cfg, ctx, ckpt_dir: str | Path, out_dir: str | Path, dtype,
     from megatron_oapl.checkpoint.run_checkpoint import load_model_weights
     from megatron_oapl.models.hf_mapping import HFMapping
     from megatron_oapl.models.presets import get_architecture
-    from megatron_oapl.weights.reshard import iter_hf_tensors
+    from megatron_oapl.weights.export import export_hf_model
 
     if ctx.tp_size != 1 or ctx.pp_size != 1:
         raise ConversionError(f"megatron-to-hf loads the whole model on a rank (TP=PP=1), got TP={ctx.tp_size} "
                               f"PP={ctx.pp_size}")
     model, _ = _weights_model(cfg, ctx)
     load_model_weights(model, ckpt_dir)
-    out = Path(out_dir)
-    if ctx.rank == 0:
-        mapping = HFMapping.from_model_config(get_architecture(cfg.model.preset), cfg.model)
-        out.mkdir(parents=True, exist_ok=True)
-        dtype = torch_dtype(_dtype_name(dtype))
-        with torch.no_grad():
-            write_safetensors(dequantized(iter_hf_tensors(model, mapping)), out, dtype, max_shard_bytes)
+    mapping = HFMapping.from_model_config(get_architecture(cfg.model.preset), cfg.model)
+    dtype = torch_dtype(_dtype_name(dtype))
+    with torch.no_grad():
+        # No side files from the source: its config.json would not describe this checkpoint's dtype.
+        out = export_hf_model(model, mapping, ctx, None, out_dir, dtype=dtype)
+    if out is not None:
         write_hf_side_files(out, hf_config(cfg.model, dtype, cfg.model.hf_path), cfg.model.hf_path)
-    if dist.is_initialized():
-        dist.barrier()
-    return out
+    dist.barrier()  # the directory is complete on every rank's return
+    return Path(out_dir)
 
 
 def import_hf_rank(cfg, ctx, hf_dir: str | Path, out_dir: str | Path) -> list:

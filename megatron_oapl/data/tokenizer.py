@@ -23,10 +23,16 @@ from pathlib import Path
 from typing import Any, Iterable
 
 __all__ = ["TokenizerError", "load_tokenizer", "encode_prompt", "stop_token_ids", "train_sentencepiece_tokenizer",
-           "SPECIAL_TOKENS"]
+           "SPECIAL_TOKENS", "TOKENIZER_FILES"]
 
 # id order of the tiny tokenizer's special pieces
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
+
+# The files an HF tokenizer directory may hold (fast, sentencepiece, BPE vocab + merges, special tokens,
+# chat template): the one list of what an HF export copies beside its weights (weights/hf_io.py).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "chat_template.jinja",
+                   "chat_template.json")
 
 
 class TokenizerError(ValueError):
