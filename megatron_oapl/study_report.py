@@ -79,7 +79,9 @@ class CellResult:
             return float(self.offline_groups * self.group)
         dropped = self.tb.get(M.DROPPED_STALE, {})
         seen = [s for s in dropped if s <= step]
-        return float((step * self.prompts + (dropped[max(seen)] if seen else 0)) * self.group)
+        # Dynamic sampling: the orders each step looked at beyond prompts_per_step (all-equal groups).
+        extra = sum(v for s, v in self.tb.get(M.EXTRA_ORDERS, {}).items() if s <= step)
+        return float((step * self.prompts + (dropped[max(seen)] if seen else 0) + extra) * self.group)
 
     @property
     def consumed(self) -> int:
@@ -290,7 +292,8 @@ def write_report(study) -> Path:
             f"Base config `{study.base}`; {len(finished)} of {len(study.cells)} cells finished; mean ± standard "
             f"error over the `{study.seed_axis}` axis. Rebuild with `oapl study {study.path} --report-only`.", "",
             "Final pass@k: each run's closing evaluation (`eval/eval.json`, after); generations sampled include "
-            "groups dropped as stale (online) or the whole offline dataset. Sequence entropy is the sampling "
+            "groups dropped as stale (online), all-equal groups a dynamically sampled step skipped, or the whole "
+            "offline dataset. Sequence entropy is the sampling "
             "policy's (the fleet's log-probs): in an offline round, or with L >= the run's steps, that stays the "
             "starting model throughout.", ""]
     text += _table(lines) if results else ["No cell has finished yet."]
