@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from megatron_oapl.rollout.orders import check_prompt_count
+
 from .prompts import DataError, load_prompts
 from .tokenizer import load_tokenizer, stop_token_ids
 
@@ -35,6 +37,7 @@ def check_run_data(cfg: Any) -> str:
         counts[split] = len(prompts)
         if split == "train":
             _check_token_budget(cfg, prompts)
+            check_prompt_count(cfg, len(prompts))  # dynamic sampling refills from the real prompt set
     summary = f"data: {counts['train']} train and {counts['eval']} eval prompts"
     if cfg.lag.mode == "offline":
         from megatron_oapl.rollout.dataset import RolloutDataset

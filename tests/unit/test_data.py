@@ -222,3 +222,18 @@ def test_render_prompt_and_load_with_tokenizer(tiny_tok_dir, tmp_path):
     prompts = load_prompts(cfg, "train", tokenizer=load_tokenizer(tiny_tok_dir))
     for p in prompts:
         assert p.token_ids and tok.decode(p.token_ids) == p.text + "\nAnswer:"
+
+
+def test_dynamic_sampling_needs_a_step_of_real_training_prompts_before_anything_starts(tiny_tok_dir, tmp_path):
+    """data.num_train_prompts is an upper bound: a 3-prompt file leaves a 4-group step nothing to refill from,
+    which the start-up data check (before any rank or engine) says in one line."""
+    from megatron_oapl.config import ConfigError, load_config
+    from megatron_oapl.data.checks import check_run_data
+
+    _write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"{i} + 1 =", "answer": str(i + 1)} for i in range(3)])
+    _write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "9 + 1 =", "answer": "10"}])
+    overrides = [f"model.hf_path={tiny_tok_dir}", "data.source=jsonl", f"data.path={tmp_path}/{{split}}.jsonl",
+                 "data.num_train_prompts=1000", "fleet.prompts_per_step=4", "parallel.tensor_model_parallel_size=1"]
+    assert check_run_data(load_config(None, overrides, check_hardware=False)).startswith("data: 3 train")
+    with pytest.raises(ConfigError, match=r"^fleet\.prompts_per_step=4 is larger than the 3 training prompts"):
+        check_run_data(load_config(None, [*overrides, "fleet.dynamic_sampling=true"], check_hardware=False))
