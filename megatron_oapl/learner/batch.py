@@ -19,6 +19,7 @@ micro-batches of at most the budget, and each micro-batch is padded to its own l
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, fields
 from typing import Sequence
@@ -77,6 +78,17 @@ class TrainBatch:
         if self.num_groups % per:
             raise ValueError(f"{self.num_groups} groups do not split into micro-batches of {per}")
         return [self.groups(i, i + per) for i in range(0, self.num_groups, per)]
+
+    def padded_to_multiple(self, multiple: int) -> "TrainBatch":
+        """Every row right-padded to the next multiple of `multiple` tokens: pad id 0, masked out of the loss;
+        causal attention keeps the padding from reaching the real tokens."""
+        extra = _round_up(self.seq_length, multiple) - self.seq_length
+        if extra == 0:
+            return self
+        pad = torch.nn.functional.pad
+        return dataclasses.replace(self, tokens=pad(self.tokens, (0, extra)), labels=pad(self.labels, (0, extra)),
+                                   loss_mask=pad(self.loss_mask, (0, extra)),
+                                   behaviour_logp=pad(self.behaviour_logp, (0, extra)))
 
     def to(self, device: torch.device) -> "TrainBatch":
         return TrainBatch(

@@ -172,6 +172,8 @@ def forward_backward(policy, batch: TrainBatch, spec: LossSpec, ctx, parallel, f
     if parallel.micro_batch_tokens > 0:
         return _token_budget_forward_backward(policy, batch, spec, ctx, parallel, forward_only)
     local = batch.shard(ctx.dp_rank, ctx.dp_size).to(ctx.device)
+    if parallel.sequence_parallel:  # Megatron splits the sequence over the TP ranks: they must divide it
+        local = local.padded_to_multiple(pad_multiple(ctx.tp_size))
     micro = local.micro_batches(parallel.micro_batch_groups)
     # Every pipeline stage walks the same micro-batches: the first uses the tokens, the last the labels.
     records = get_forward_backward_func()(

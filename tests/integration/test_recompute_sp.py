@@ -27,7 +27,9 @@ from tests.support.reference_llama import RefConfig, ReferenceLlama
 
 # 4 layers and ~100-token sequences: activations dominate weights, so recompute shows in the peak.
 REF = RefConfig(vocab_size=32, hidden_size=64, ffn_hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2)
-P, G, SEQ = 2, 4, 128  # SEQ is a multiple of TP (sequence parallelism splits the sequence over TP)
+# The batch is 127 tokens long, not a multiple of TP: with sequence parallelism (which splits the sequence
+# over the TP ranks) the whole-group path pads it to lcm(TP, 16) = 128 (review C3).
+P, G, SEQ = 2, 4, 128
 
 TP2 = {"none": {}, "full": dict(recompute="full"), "full-2": dict(recompute="full", recompute_num_layers=2),
        "selective": dict(recompute="selective"), "sp": dict(sequence_parallel=True),
@@ -55,7 +57,7 @@ def make_batch():
     rewards = (torch.rand(P, G, generator=gen) > 0.5).float().tolist()
     # Engine log-probs near a uniform policy's -log(32) per token.
     logp = [[(-3.4 + 0.3 * torch.randn(len(c), generator=gen)).tolist() for c in group] for group in completions]
-    return build_batch(prompts, completions, rewards, logp, seq_length=SEQ)
+    return build_batch(prompts, completions, rewards, logp, seq_length=SEQ - 1)
 
 
 @pytest.fixture(scope="module")

@@ -150,3 +150,13 @@ def test_packing_is_refused_where_the_local_attention_would_ignore_the_mask():
     fused = TransformerConfig(**base, masked_softmax_fusion=True)
     assert packing_attention_problem(fused, transformer_engine=False).startswith("parallel.pack_sequences=true")
     assert packing_attention_problem(fused, transformer_engine=True) is None  # TE packs as THD
+
+
+def test_padding_to_a_multiple_adds_masked_pad_tokens_only():
+    batch = build_batch([[5, 6]], [[[7, 8, 9], [7]]], [[1.0, 0.0]], [[[-0.5, -0.25, -1.0], [-2.0]]])
+    padded = batch.padded_to_multiple(16)
+    assert (batch.seq_length, padded.seq_length) == (5, 16)
+    assert torch.equal(padded.tokens[:, :5], batch.tokens) and not padded.tokens[:, 5:].any()
+    assert torch.equal(padded.loss_mask.sum(-1), batch.loss_mask.sum(-1))
+    assert torch.equal(padded.logp_lag, batch.logp_lag) and torch.equal(padded.lengths, batch.lengths)
+    assert padded.padded_to_multiple(16) is padded
