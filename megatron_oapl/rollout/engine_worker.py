@@ -28,6 +28,8 @@ from pathlib import Path
 
 import zmq
 
+from megatron_oapl.config import CHOICES
+
 from megatron_oapl.rewards.pool import split_reward
 from megatron_oapl.rollout.messages import Deal, Hello, Stop, Sync, Synced
 from megatron_oapl.rollout.orders import Order, sampling_params
@@ -59,7 +61,8 @@ def build_engine(cfg, model_dir: str, engine_id: int):
         from megatron_oapl.rollout.vllm_engine import VLLMEngine
 
         return VLLMEngine(model_dir, cfg, seed=seed)
-    raise ValueError(f"fleet.engine={cfg.fleet.engine!r} is not a known engine (allowed: torch, vllm)")
+    raise ValueError(f"fleet.engine={cfg.fleet.engine!r} is not a known engine (allowed: "
+                     f"{', '.join(CHOICES['fleet.engine'])})")
 
 
 class PromptTable:
@@ -99,12 +102,12 @@ class _Group:
 
 class EngineWorker:
     def __init__(self, engine_id: int, generation: int, cfg, model_dir: str, rollout_addr: str,
-                 control_addr: str):
+                 control_addr: str, build=build_engine):
         from megatron_oapl.data.tokenizer import load_tokenizer, stop_token_ids
         from megatron_oapl.rewards.pool import RewardPool, reward_fields
 
         self.engine_id, self.cfg = engine_id, cfg
-        self.engine = build_engine(cfg, model_dir, engine_id)
+        self.engine = build(cfg, model_dir, engine_id)
         self.tokenizer = load_tokenizer(model_dir)
         self.tables: dict[str, PromptTable] = {}  # by split, loaded on its first order
         self.stops = tuple(stop_token_ids(self.tokenizer))
@@ -235,8 +238,9 @@ class EngineWorker:
 
 
 def engine_main(engine_id: int, generation: int, cfg_dict: dict, model_dir: str,
-                rollout_addr: str, control_addr: str) -> None:
-    """Entry point of an engine process (spawned by the coordinator's fleet or by a fleet node)."""
+                rollout_addr: str, control_addr: str, build=build_engine) -> None:
+    """Entry point of an engine process (spawned by the coordinator's fleet or by a fleet node). `build`
+    makes the model engine from (cfg, model_dir, engine_id) (tests: a fake one behind this same loop)."""
     import torch
 
     from megatron_oapl.config import from_dict
@@ -251,7 +255,7 @@ def engine_main(engine_id: int, generation: int, cfg_dict: dict, model_dir: str,
     pid_file = Path(cfg.run_dir) / "engines" / f"engine-{engine_id}.pid"
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.write_text(str(os.getpid()))
-    worker = EngineWorker(engine_id, generation, cfg, model_dir, rollout_addr, control_addr)
+    worker = EngineWorker(engine_id, generation, cfg, model_dir, rollout_addr, control_addr, build)
     try:
         worker.run()
     finally:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing as mp
 import os
 import signal
 import sys
@@ -33,9 +32,8 @@ from pathlib import Path
 
 import zmq
 
-from megatron_oapl.rollout.fleet import COORDINATOR_FILE, restart_refusal, spawn_engine
-from megatron_oapl.rollout.messages import Died
 from megatron_oapl.rollout.placement import engine_environments
+from megatron_oapl.rollout.supervisor import COORDINATOR_FILE, FleetGaveUp, LocalSupervisor
 
 log = logging.getLogger("oapl.fleet_node")
 
@@ -66,59 +64,38 @@ def node_engine_environments(cfg, engines: int) -> list[dict[str, str]]:
 
 
 class FleetNode:
+    """This node's engines under a `LocalSupervisor` that reports each death to the coordinator at once
+    (`Died` on the node's own DEALER, so a weight push in flight aborts) and leaves an engine the
+    coordinator stopped (exit code 0) down."""
+
     def __init__(self, cfg, cfg_dict: dict, info: dict, engine_ids: list[int],
                  engine_env: list[dict[str, str]] | None = None):
-        self.cfg, self.cfg_dict, self.info = cfg, cfg_dict, info
         # Local engine i's GPUs and compile cache (rollout/placement.py; main computes them before waiting).
-        self.engine_env = engine_env if engine_env is not None else node_engine_environments(cfg, len(engine_ids))
+        engine_env = engine_env if engine_env is not None else node_engine_environments(cfg, len(engine_ids))
         self.zctx = zmq.Context()
-        # Its own DEALER on the control channel: reports engine deaths as soon as they happen.
         self.control = self.zctx.socket(zmq.DEALER)
         self.control.setsockopt(zmq.IDENTITY, f"node-{os.getpid()}".encode())
         self.control.connect(info["control_addr"])
-        self._mp = mp.get_context("spawn")
-        self.procs: dict[int, mp.Process] = {}
-        self.generation = {e: 0 for e in engine_ids}
-        self.restarts = {e: 0 for e in engine_ids}
-        self.local = {e: i for i, e in enumerate(engine_ids)}  # global engine id -> index on this node
-        for engine_id, local in self.local.items():
-            self._start(engine_id, local)
+        self.supervisor = LocalSupervisor(cfg, cfg_dict, cfg.model.hf_path, info["rollout_addr"], info["control_addr"],
+                                          dict(zip(engine_ids, engine_env)), daemon=False, clean_exit_stops=True)
+        self.supervisor.on_death = self.control.send_pyobj
+        self.supervisor.on_start = self._started
+        self.supervisor.start()
 
-    def _start(self, engine_id: int, local: int) -> None:
-        proc = spawn_engine(self._mp, engine_id, self.generation[engine_id], self.cfg_dict, self.cfg.model.hf_path,
-                            self.info["rollout_addr"], self.info["control_addr"], env=self.engine_env[local])
-        self.procs[engine_id] = proc
-        print(f"[fleet] engine {engine_id} generation {self.generation[engine_id]} started (pid {proc.pid})",
-              flush=True)
+    def _started(self, engine_id: int, generation: int) -> None:
+        log.info("engine %d generation %d started (pid %s)", engine_id, generation, self.supervisor.pid(engine_id))
 
     def step(self) -> int | None:
         """Check the engines once: restart crashed ones. Returns an exit code once the node is done."""
-        finished = 0
-        for engine_id, proc in list(self.procs.items()):
-            if proc.is_alive():
-                continue
-            if proc.exitcode == 0:  # the coordinator told it to stop
-                finished += 1
-                continue
-            self.control.send_pyobj(Died(engine_id, self.generation[engine_id], proc.exitcode))
-            refusal = restart_refusal(self.cfg, engine_id, self.restarts[engine_id], proc.exitcode)
-            if refusal:
-                print(f"[fleet] {refusal}", flush=True)
-                return 1
-            print(f"[fleet] engine {engine_id} died (exit code {proc.exitcode}); restarting", flush=True)
-            self.restarts[engine_id] += 1
-            self.generation[engine_id] += 1
-            self._start(engine_id, self.local[engine_id])
-        return 0 if finished == len(self.procs) else None
+        try:
+            self.supervisor.restart_dead()
+        except FleetGaveUp as err:
+            log.error("%s", err)
+            return 1
+        return 0 if self.supervisor.all_stopped() else None
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.is_alive():
-                proc.terminate()
-        for proc in self.procs.values():
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
+        self.supervisor.stop(wait_s=0, terminate_wait_s=10)
         self.control.close(0)
         self.zctx.term()
 
@@ -154,18 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     try:  # refused before waiting or starting anything
         engine_env = node_engine_environments(cfg, len(engine_ids))
     except ConfigError as err:
-        print(f"[fleet] {err}", file=sys.stderr, flush=True)
+        log.error("%s", err)
         return 1
     path = Path(args.coordinator_file or Path(cfg.run_dir) / COORDINATOR_FILE)
     try:
         info = wait_for_coordinator(path, cfg.fleet.start_timeout_s)
     except TimeoutError as err:
-        print(f"[fleet] {err}", file=sys.stderr, flush=True)
+        log.error("%s", err)
         return 1
     import socket
 
-    print(f"[fleet] node {os.environ.get('SLURMD_NODENAME', socket.gethostname())} (index {args.node_index}): "
-          f"engines {engine_ids} for the coordinator at {info['control_addr']}", flush=True)
+    log.info("node %s (index %d): engines %s for the coordinator at %s",
+             os.environ.get("SLURMD_NODENAME", socket.gethostname()), args.node_index, engine_ids, info["control_addr"])
     node = FleetNode(cfg, to_dict(cfg), info, engine_ids, engine_env)
     try:
         while not stopping:
@@ -173,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             if code is not None:
                 return code
             time.sleep(0.2)
-        print("[fleet] SIGTERM: stopping the engines", flush=True)
+        log.info("SIGTERM: stopping the engines")
         return 0
     finally:
         node.stop()

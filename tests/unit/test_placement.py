@@ -88,18 +88,19 @@ def test_local_fleet_spawns_each_engine_on_its_own_gpus(gpus, monkeypatch, tmp_p
     compile cache; without a GPU the engines inherit the coordinator's environment unchanged."""
     from megatron_oapl.config import to_dict
     from megatron_oapl.rollout import fleet as fleet_mod
+    from megatron_oapl.rollout import supervisor
 
     cfg = load_config(TINY, [f"run_dir={tmp_path / 'run'}", "fleet.num_engines=3",
                              "fleet.engine_tensor_parallel_size=2"], check_hardware=False)
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.setattr(fleet_mod, "engine_main", report_environment)
+    monkeypatch.setattr(supervisor, "engine_main", report_environment)
     gpus(node_gpus)
     fleet = fleet_mod.Fleet(cfg, to_dict(cfg), str(tmp_path))
     try:
-        for handle in fleet.engines.values():
-            handle.process.join(timeout=120)
+        for process in fleet.supervisor.procs.values():
+            process.join(timeout=120)
     finally:
         fleet.close()
     seen = [json.loads((tmp_path / f"engine-{i}.json").read_text()) for i in range(3)]
@@ -112,11 +113,12 @@ def test_local_fleet_spawns_each_engine_on_its_own_gpus(gpus, monkeypatch, tmp_p
 def test_local_fleet_that_does_not_fit_starts_nothing(gpus, monkeypatch, tmp_path):
     from megatron_oapl.config import to_dict
     from megatron_oapl.rollout import fleet as fleet_mod
+    from megatron_oapl.rollout import supervisor
 
     cfg = load_config(TINY, [f"run_dir={tmp_path}", "fleet.num_engines=2"], check_hardware=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # every GPU of the node holds a learner rank
     started = []
-    monkeypatch.setattr(fleet_mod, "spawn_engine", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(supervisor, "spawn_engine", lambda *a, **k: started.append(a))
     gpus(8)
     with pytest.raises(ConfigError, match=r"fleet.num_engines=2 x fleet.engine_tensor_parallel_size=1 \+ 8 learner"):
         fleet_mod.Fleet(cfg, to_dict(cfg), str(tmp_path))

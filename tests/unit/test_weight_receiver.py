@@ -1,19 +1,12 @@
 """Receiver failures: any exception of one receiver aborts the push for every member at once (not at the
-group's timeout), and an engine that refuses fleet.max_refused_syncs pushes in a row is killed, restarted
-within fleet.max_restarts, then the run fails with a clear error."""
+group's timeout). (An engine that refuses fleet.max_refused_syncs pushes in a row: tests/unit/test_fleet.py.)"""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import threading
-import time
 
-import pytest
 import torch
 
-from megatron_oapl.config import from_dict
-from megatron_oapl.rollout import fleet as F
-from megatron_oapl.rollout.messages import Synced
 from megatron_oapl.rollout.weight_receiver import receive_all_stages
 from megatron_oapl.weights import transport
 from megatron_oapl.weights.sync import stage_rendezvous
@@ -59,47 +52,6 @@ def test_a_receiver_out_of_memory_aborts_the_push_for_every_member(monkeypatch):
     for rank in (0, 2):
         assert outcome[rank].startswith("WeightSyncError") and "aborted" in outcome[rank], outcome[rank]
         assert "MemoryError" in outcome[rank]
-
-
-def _sleeper():
-    time.sleep(600)
-
-
-def _fleet_of_sleepers(max_refused: int, max_restarts: int) -> F.Fleet:
-    """A Fleet's engine bookkeeping over real (idle) processes: the refusal cap only kills and restarts."""
-    cfg = from_dict({"fleet": {"max_refused_syncs": max_refused, "max_restarts": max_restarts, "num_engines": 1}},
-                    check_hardware=False)
-    fleet = object.__new__(F.Fleet)
-    ctx = mp.get_context("fork")
-    fleet.cfg, fleet.external, fleet.restarts_total = cfg, False, 0
-
-    def start(engine_id, generation):
-        proc = ctx.Process(target=_sleeper, daemon=True)
-        proc.start()
-        return F.EngineProcess(engine_id, proc, generation, version=0)
-
-    fleet._start = start
-    fleet.engines = {0: start(0, 0)}
-    return fleet
-
-
-def test_an_engine_that_keeps_refusing_is_restarted_then_the_run_stops():
-    fleet = _fleet_of_sleepers(max_refused=3, max_restarts=1)
-    refused = {0: Synced(0, 1, "MemoryError: out of memory")}
-    try:
-        assert fleet.count_refusals(refused) == [] and fleet.count_refusals({0: Synced(0, 1, None)}) == []
-        assert fleet.count_refusals(refused) == [] and fleet.count_refusals(refused) == []  # 2 in a row
-        first = fleet.engines[0].process
-        assert fleet.count_refusals(refused) == [0]  # the third in a row: killed
-        assert not first.is_alive() and fleet.restart_dead() == [0]
-        assert fleet.engines[0].process.is_alive() and fleet.engines[0].refused_syncs == 0
-        for _ in range(3):
-            fleet.count_refusals(refused)
-        with pytest.raises(RuntimeError, match="max_restarts=1 reached.*refused 3 weight pushes in a row"):
-            fleet.restart_dead()
-    finally:
-        for handle in fleet.engines.values():
-            handle.process.kill()
 
 
 def test_tied_checkpoint_whose_index_lists_lm_head_accepts_a_push_without_it():
