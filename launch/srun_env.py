@@ -11,12 +11,13 @@ Sets (never overriding a value already exported, so a user's `--env` wins):
     MASTER_PORT      = 29500 unless exported (the batch script derives one from the job id)
     OMP_NUM_THREADS  = SLURM_CPUS_PER_TASK   (torch otherwise starts one thread per core of the node)
 
-and prints one placement line per rank to stderr (it lands in the learner log). Standard library only:
-it runs before anything is imported, also inside containers.
+and logs one placement line per rank to stderr (it lands in the learner log). Standard library and
+`log_setup` only: it runs before anything is imported, also inside containers.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
@@ -99,10 +100,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("usage: python -m launch.srun_env -- COMMAND [ARGS...]")
     env = dict(os.environ)
     env.update(torchrun_env(env))
-    print(f"[srun_env] rank {env['RANK']}/{env['WORLD_SIZE']} local_rank {env['LOCAL_RANK']} "
-          f"on node {env.get('SLURMD_NODENAME', '?')} (host {socket.gethostname()}) "
-          f"master {env['MASTER_ADDR']}:{env['MASTER_PORT']} restart {env.get('SLURM_RESTART_COUNT', '0')}",
-          file=sys.stderr, flush=True)
+    from megatron_oapl.log_setup import setup_logging
+
+    setup_logging(f"rank {env['RANK']}")
+    logging.getLogger("oapl.srun_env").info(
+        "rank %s/%s local_rank %s on node %s (host %s) master %s:%s restart %s", env["RANK"], env["WORLD_SIZE"],
+        env["LOCAL_RANK"], env.get("SLURMD_NODENAME", "?"), socket.gethostname(), env["MASTER_ADDR"],
+        env["MASTER_PORT"], env.get("SLURM_RESTART_COUNT", "0"))
+    sys.stderr.flush()  # before exec replaces this process
     os.execvpe(argv[0], argv, env)
 
 

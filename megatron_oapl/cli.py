@@ -15,7 +15,10 @@ Multi-GPU and SLURM invocations are documented under each subcommand's --help.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+
+log = logging.getLogger("oapl.cli")
 
 
 def _config_show(args) -> int:
@@ -90,7 +93,7 @@ def _check_memory_before_start(cfg, args) -> None:
     except PlanError as err:
         if not args.force:
             raise ConfigError(f"{err} (`oapl plan` shows the table; --force starts anyway)") from None
-        print(f"[oapl] warning: {err} (starting anyway: --force)", file=sys.stderr, flush=True)
+        log.warning("%s (starting anyway: --force)", err)
 
 
 def _summary_line(before, after) -> str:
@@ -119,7 +122,7 @@ def _stopped(run_dir, end) -> int:
     else:
         what = (f"stopped on {name}" if name else "stopped early (see the log)") + (
             f" at its checkpoint {ckpt}" if ckpt else " before its first checkpoint")
-    print(f"[oapl] the run {what}; run the same command again to resume", file=sys.stderr)
+    log.warning("the run %s; run the same command again to resume", what)
     return 128 + end.stop_signal if end.stop_signal else 1
 
 
@@ -150,16 +153,20 @@ def _train(args) -> int:
     forked_children_die_with_this_process()  # what a reward or library forks here ends with `oapl train`
     with RunLock(run_dir):  # refuses a second `oapl train` on this run directory
         # Everything the ranks and engines will read, read here first: a bad record costs seconds.
-        print(f"[oapl] {check_run_data(cfg)}", flush=True)
+        log.info("%s", check_run_data(cfg))
         (run_dir / "config.yaml").write_text(to_yaml(cfg, docs=True))
-        # The fleet's engines (fleet.engine, its TP, dtype, device) on the initial and final weights.
-        before = evaluate(cfg, cfg.model.hf_path, progress=True)
-        for name, report in before.items():
-            print(f"before training: {name} pass@1 {report.pass_at_k[1]:.3f} ± {report.stderr[1]:.3f}", flush=True)
+        # Online, the training fleet evaluates the initial and the final weights (RUN_DIR/eval/history.jsonl);
+        # an offline round has no fleet: engines of its own (fleet.engine, TP, dtype, device) evaluate them.
+        online = cfg.lag.mode == "online"
+        before = None if online else evaluate(cfg, cfg.model.hf_path, progress=True)
         end = spawn_learners(cfg)
         if end.stop_signal is not None or not (run_dir / "hf").is_dir():
             return _stopped(run_dir, end)
-        after = evaluate(cfg, str(run_dir / "hf"), progress=True)
+        if online:
+            before = _fleet_report(cfg, 0, cfg.model.hf_path)
+            after = _fleet_report(cfg, cfg.optim.train_steps, str(run_dir / "hf"))
+        else:
+            after = evaluate(cfg, str(run_dir / "hf"), progress=True)
     reports = train_reports(before, after)  # "before"/"after": the first set; "<set>/before"...: the others
     write_reports(run_dir / "eval", reports)
     print(format_table(reports))
@@ -171,14 +178,27 @@ def _train(args) -> int:
     return 0
 
 
+def _fleet_report(cfg, step: int, model_dir: str):
+    """The training fleet's evaluation at `step` of the weights in `model_dir`, by set; engines of their own
+    evaluate them if it left none (a run resumed from a checkpoint an older version of the package wrote)."""
+    from megatron_oapl.evaluation import eval_sets, evaluate, fleet_reports
+
+    reports = fleet_reports(cfg.run_dir, step, list(eval_sets(cfg)))
+    if reports is None:
+        log.info("no evaluation of the training fleet at step %d in %s/eval: evaluating %s now", step, cfg.run_dir,
+                 model_dir)
+        reports = evaluate(cfg, model_dir, progress=True)
+    return reports
+
+
 def _eval(args) -> int:
     from pathlib import Path
 
     from megatron_oapl.evaluation import evaluate, format_sets_table, write_reports
 
     cfg = _load(args, hf_path=args.model)
-    print(f"[oapl] evaluating {cfg.model.hf_path} with fleet.engine={cfg.fleet.engine} "
-          f"({cfg.fleet.num_engines} engine(s))", flush=True)
+    log.info("evaluating %s with fleet.engine=%s (%d engine(s))", cfg.model.hf_path, cfg.fleet.engine,
+             cfg.fleet.num_engines)
     reports = evaluate(cfg, cfg.model.hf_path, progress=True)  # by eval set
     out = write_reports(Path(args.out or Path(cfg.run_dir) / "eval"), reports)
     print(format_sets_table(reports))
@@ -218,13 +238,8 @@ def _study(args) -> int:
     return study_main(args.study, args.parallel, args.report_only, args.dry_run)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="oapl",
-        description="OAPL post-training: Megatron-Core learners, a lagged vLLM fleet, fixed lag schedule.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_config_parser(sub) -> None:
+    """`oapl config show`."""
     config = sub.add_parser("config", help="inspect run configs")
     config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = config_sub.add_parser(
@@ -234,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo.beta2=0.1")
     show.set_defaults(func=_config_show)
 
+
+def _add_train_parser(sub) -> None:
+    """`oapl train`."""
     train = sub.add_parser(
         "train", help="run OAPL: learners + engine fleet (+ pass@k before/after on this machine)",
         description="Local: `oapl train configs/tiny.yaml` spawns TP*PP*DP learner ranks and the engines. "
@@ -249,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_memory_check_arguments(train)
     train.set_defaults(func=_train)
 
+
+def _add_eval_parser(sub) -> None:
+    """`oapl eval`."""
     ev = sub.add_parser("eval", help="pass@k (k = 1..n) and avg@n of an HF model directory on each eval set, "
                         "sampled by the fleet's engines (fleet.engine)")
     ev.add_argument("config", help="YAML run config (data, rewards, fleet, eval sections are used)")
@@ -257,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="report directory (default: RUN_DIR/eval)")
     ev.set_defaults(func=_eval)
 
+
+def _add_generate_parser(sub) -> None:
+    """`oapl generate`."""
     gen = sub.add_parser(
         "generate", help="sample an offline rollout dataset with the fleet (for lag.mode=offline)",
         description="Sample the work orders of steps 1..N with model.hf_path on the fleet and write them as "
@@ -268,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=int, help="optimizer steps to cover (default: optim.train_steps)")
     gen.set_defaults(func=_generate)
 
+
+def _add_plan_parser(sub) -> None:
+    """`oapl plan`."""
     plan = sub.add_parser(
         "plan", help="per-GPU memory of the learners and engines; exit 1 naming the field to change if it does "
         "not fit",
@@ -285,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "DP=1 when that is null: the optimizer unsharded)")
     plan.set_defaults(func=_plan)
 
+
+def _add_study_parser(sub) -> None:
+    """`oapl study`."""
     study = sub.add_parser(
         "study", help="run a grid of training runs from one study YAML (resumable) and write a report",
         description="Runs every cell of the grid that has not finished (a killed cell resumes from its "
@@ -296,6 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--report-only", action="store_true", help="only rebuild the report from finished cells")
     study.add_argument("--dry-run", action="store_true", help="list the cells and their state; run nothing")
     study.set_defaults(func=_study)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="oapl",
+        description="OAPL post-training: Megatron-Core learners, a lagged vLLM fleet, fixed lag schedule.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_config_parser, _add_train_parser, _add_eval_parser, _add_generate_parser, _add_plan_parser,
+                _add_study_parser):
+        add(sub)
 
     from launch.slurm import add_launch_parser
     from megatron_oapl.checkpoint.convert import add_convert_parser
@@ -325,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C outside the training (while the ranks run, it stops them cleanly)
-        print("[oapl] interrupted", file=sys.stderr)
+        log.warning("interrupted")
         return 130
     except Exception as err:
         from megatron_oapl.launcher import RankFailed, is_user_error

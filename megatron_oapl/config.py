@@ -33,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from megatron_oapl.rewards.sandbox import SANDBOXES
+
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -404,9 +406,10 @@ class LoggingConfig:
 @dataclass
 class EvalConfig:
     every: int = 0
-    """During training the fleet evaluates the initial weights and, every N steps, the first version pushed
-    at or after that step, and logs eval/pass@k at the step of that push; 0 = no evaluation during
-    training (`oapl train` on one machine still evaluates before and after)."""
+    """The training fleet evaluates the initial weights (step 0), the final ones (the last step) and, every
+    N steps, the first version pushed at or after that step, and logs eval/pass@k at the step of that push
+    (RUN_DIR/eval/history.jsonl, where `oapl train` takes its before / after report); 0 = only the initial
+    and final weights. An offline round (no fleet) evaluates them on engines of its own."""
     num_samples: int = 8
     """n completions per eval prompt (pass@k for k <= n)."""
     temperature: float = 1.0
@@ -468,7 +471,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fleet.engine": ("torch", "vllm"),
     "fleet.weight_sync.backend": ("auto", "gloo", "nccl"),
     "data.source": ("reasoning_gym", "jsonl", "parquet"),
-    "rewards.code_sandbox": ("bwrap", "rlimits-only"),
+    "rewards.code_sandbox": SANDBOXES,  # the sandboxes rewards/sandbox.py can build
 }
 
 # --------------------------------------------------------------------------------------------------
@@ -828,10 +831,9 @@ def _batch_split_errors(cfg: RunConfig, dp: int) -> list[str]:
     return []
 
 
-def validate(cfg: RunConfig, check_hardware: bool = True) -> None:
-    """All checks of a config, across sections; raises one ConfigError listing every problem."""
+def _choice_and_bound_errors(cfg: RunConfig) -> list[str]:
+    """Each choice field against CHOICES, each bounded number against its bound."""
     errors: list[str] = []
-
     for name, allowed in CHOICES.items():
         value = _get(cfg, name)
         if value not in allowed:
@@ -841,9 +843,12 @@ def validate(cfg: RunConfig, check_hardware: bool = True) -> None:
         value = _get(cfg, name)
         if value is not None and not _BOUND_TESTS[bound](value):  # NaN fails every bound
             errors.append(f"{name}={_fmt(value)} must be {bound}")
-    if errors:  # the cross checks below assume sane values
-        raise ConfigError("\n".join(errors), errors)
+    return errors
 
+
+def _model_parallel_errors(cfg: RunConfig) -> list[str]:
+    """The model's shapes against the TP / PP split, recompute, packing and the batch split."""
+    errors: list[str] = []
     m, p = cfg.model, cfg.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     heads, groups = m.num_attention_heads, m.num_query_groups
@@ -883,17 +888,29 @@ def validate(cfg: RunConfig, check_hardware: bool = True) -> None:
     elif p.micro_batch_groups is not None and p.micro_batch_groups > cfg.fleet.prompts_per_step:
         errors.append(f"parallel.micro_batch_groups={p.micro_batch_groups} must be <= "
                       f"fleet.prompts_per_step={cfg.fleet.prompts_per_step}")
+    return errors
 
+
+def _precision_errors(cfg: RunConfig) -> list[str]:
+    """FP8 and the parameter dtype."""
+    errors: list[str] = []
     fp8 = cfg.precision.fp8
     if fp8.enabled and fp8.recipe == "delayed" and fp8.first_last_layers_bf16:
         errors.append("precision.fp8.first_last_layers_bf16=true is not supported with "
-                      "precision.fp8.recipe='delayed' (allowed recipes: tensorwise, blockwise, mxfp8)")
+                      "precision.fp8.recipe='delayed' (allowed recipes: "
+                      f"{', '.join(r for r in CHOICES['precision.fp8.recipe'] if r != 'delayed')})")
     if fp8.fp8_param and not fp8.enabled:
         errors.append("precision.fp8.fp8_param=true requires precision.fp8.enabled=true")
     if cfg.precision.params_dtype == "fp16" and fp8.enabled:
         errors.append("precision.params_dtype='fp16' cannot be combined with precision.fp8.enabled=true "
                       "(allowed: bf16 or fp32)")
+    return errors
 
+
+def _sampling_errors(cfg: RunConfig) -> list[str]:
+    """The LR schedule, generation lengths, overlong shaping, dynamic sampling and top-p."""
+    errors: list[str] = []
+    m = cfg.model
     if cfg.optim.min_lr > cfg.optim.lr:
         errors.append(f"optim.min_lr={cfg.optim.min_lr} must be <= optim.lr={cfg.optim.lr}")
     if cfg.fleet.max_new_tokens >= m.max_seq_length:
@@ -909,6 +926,12 @@ def validate(cfg: RunConfig, check_hardware: bool = True) -> None:
     if cfg.fleet.top_p < 1 and cfg.algo.logp_lag_source == "engine":  # review W1: a length-dependent bias
         errors.append(f"fleet.top_p={cfg.fleet.top_p} needs algo.logp_lag_source='recompute' (or fleet.top_p=1): "
                       "the engine's log-probs are top-p-renormalised, the learner's temperature-only")
+    return errors
+
+
+def _data_errors(cfg: RunConfig) -> list[str]:
+    """Offline rounds, eval sets, the data source, the reward name and the run directory."""
+    errors: list[str] = []
     if cfg.lag.mode == "offline" and not cfg.lag.offline_dataset:
         errors.append("lag.offline_dataset=null must be set when lag.mode='offline' "
                       "(allowed: a JSONL rollout dataset written by `oapl generate`)")
@@ -926,7 +949,15 @@ def validate(cfg: RunConfig, check_hardware: bool = True) -> None:
         what = "is" if blocking == Path(cfg.run_dir) else f"is inside {str(blocking)!r}, which is"
         errors.append(f"run_dir={_fmt(cfg.run_dir)} {what} an existing file (allowed: a directory path, new or "
                       "existing)")
+    return errors
 
+
+def validate(cfg: RunConfig, check_hardware: bool = True) -> None:
+    """All checks of a config, across sections; raises one ConfigError listing every problem."""
+    errors = _choice_and_bound_errors(cfg)
+    if errors:  # the cross checks below assume sane values
+        raise ConfigError("\n".join(errors), errors)
+    errors = [*_model_parallel_errors(cfg), *_precision_errors(cfg), *_sampling_errors(cfg), *_data_errors(cfg)]
     if errors:
         raise ConfigError("\n".join(errors), errors)
     if check_hardware:

@@ -4,10 +4,12 @@ standard error over prompts, and avg@n (the mean reward of the n samples); a JSO
 Eval sets (`eval_sets`): the data section's held-out prompts (set "heldout", split "eval", metrics
 eval/pass@k) unless eval.sets names its own (split "eval/<set>", metrics eval/<set>/pass@k). Every
 evaluation samples through the fleet's engine processes, with the fleet's engine, TP, dtype and device,
-and scores in their reward pools: `evaluate` starts a fleet on an HF directory for `oapl eval` and
-`oapl train`'s before/after report; during training (eval.every > 0) the training fleet samples eval
-work orders of each pushed version and the coordinator tallies them in `EvalRound`s (rollout/orders.py
-ranks them between the round's training orders)."""
+and scores in their reward pools. During training the training fleet samples eval work orders of the
+initial weights, of pushed versions (eval.every) and of the final weights; the coordinator tallies them in
+`EvalRound`s (rollout/orders.py ranks them between the round's training orders) and appends each finished
+one to RUN_DIR/eval/history.jsonl (`record_round`), where `oapl train` reads its before / after report
+(`fleet_reports`). `evaluate` starts a fleet of its own on an HF directory: `oapl eval`, and the
+before / after report of an offline round, which runs no fleet."""
 
 from __future__ import annotations
 
@@ -127,6 +129,42 @@ def report_metrics(report: EvalReport, name: str) -> dict[str, float]:
     values = {M.eval_pass_at(name, k): v for k, v in report.pass_at_k.items()}
     values[M.eval_avg_at(name, report.num_samples)] = report.avg_at_n
     return values
+
+
+HISTORY = "history.jsonl"  # RUN_DIR/eval/: one line per finished evaluation of the training fleet
+
+
+def record_round(run_dir: str | Path, done: EvalRound) -> EvalReport:
+    """Append a finished evaluation of the training fleet to RUN_DIR/eval/history.jsonl (one JSON line:
+    version, step, set, the report); `oapl train` reads its before / after reports from there."""
+    report = done.report()
+    path = Path(run_dir) / "eval" / HISTORY
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"version": done.version, "step": done.step, "set": done.name, **report.to_dict()})
+    with open(path, "ab+") as f:  # appends whatever the position
+        start = b""
+        if f.seek(0, 2) > 0:
+            f.seek(-1, 2)
+            start = b"" if f.read(1) == b"\n" else b"\n"  # end a line a crash cut short (read back: skipped)
+        f.write(start + line.encode() + b"\n")
+    return report
+
+
+def fleet_reports(run_dir: str | Path, step: int, names: list[str]) -> dict[str, EvalReport] | None:
+    """The training fleet's latest evaluation at `step` (0: the initial weights) of every set in `names`, in
+    that order; None unless every one of them is there."""
+    path = Path(run_dir) / "eval" / HISTORY
+    found: dict[str, EvalReport] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a crash
+            continue
+        if record["step"] == step:
+            fields = {k: record[k] for k in ("num_prompts", "num_samples", "correct", "avg_at_n")}
+            found[record["set"]] = EvalReport(**fields, pass_at_k={int(k): v for k, v in record["pass_at_k"].items()},
+                                              stderr={int(k): v for k, v in record["stderr"].items()})
+    return {name: found[name] for name in names} if set(names) <= set(found) else None
 
 
 def paired_gain(before: EvalReport, after: EvalReport) -> tuple[float, float]:

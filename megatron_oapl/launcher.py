@@ -13,6 +13,7 @@ charge of them:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -25,6 +26,8 @@ from pathlib import Path
 
 from megatron_oapl.config import check_world_size, to_dict
 from megatron_oapl.procs import die_with_parent
+
+log = logging.getLogger(__name__)
 
 # After the first rank failure, how long the others may take to fail (or finish) on their own before
 # they are killed: a peer's death reaches a rank blocked in a collective within a second or so.
@@ -99,8 +102,8 @@ def _rank_main(rank: int, world_size: int, port: int, report_dir: str, fn, args:
             "traceback": traceback.format_exc()}))
         sys.exit(1)
     # The stop signal the training loop's handler got (its module is loaded if one was installed).
-    checkpoints = sys.modules.get("megatron_oapl.checkpoint.run_checkpoint")
-    report.write_text(json.dumps({"rank": rank, "stop_signal": checkpoints and checkpoints.received_stop_signal()}))
+    stop = sys.modules.get("megatron_oapl.checkpoint.stop")
+    report.write_text(json.dumps({"rank": rank, "stop_signal": stop and stop.received_stop_signal()}))
 
 
 def _learner(cfg_dict: dict, threads: int) -> None:
@@ -150,14 +153,14 @@ class _SignalForwarder:
     def handle(self, signum, frame=None):
         name = signal.Signals(signum).name
         if self.received is not None and signum != signal.SIGUSR1:
-            print(f"[oapl] {name} again: killing the ranks (the last complete checkpoint stays)", flush=True)
+            log.warning("%s again: killing the ranks (the last complete checkpoint stays)", name)
             self.killed = True
             self._send(signal.SIGKILL)
             return
         if self.received is None:
             self.received = signum
-            print(f"[oapl] {name}: the ranks save a checkpoint at the end of this step and exit "
-                  f"({'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'} again to kill them at once)", flush=True)
+            log.warning("%s: the ranks save a checkpoint at the end of this step and exit (%s again to kill them at "
+                        "once)", name, "Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
         self.forward()
 
     def forward(self) -> None:

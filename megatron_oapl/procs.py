@@ -9,7 +9,7 @@ request is not inherited by forked children. So:
   scheduler) it must outlive: what a library or a reward forks there dies with it.
 
 Processes that libraries start with `spawn` (a fresh interpreter) cannot be reached this way: the
-project avoids them (see `checkpoint/run_checkpoint.py` for Megatron's checkpoint writer) or lets the
+project avoids them (see `checkpoint/megatron_compat.py` for Megatron's checkpoint writer) or lets the
 library tie them (vLLM's worker processes watch a death pipe). Everything here is a no-op off Linux.
 """
 

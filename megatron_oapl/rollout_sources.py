@@ -24,7 +24,7 @@ import logging
 import time
 
 from megatron_oapl import metrics as M
-from megatron_oapl.evaluation import EvalRound, check_eval_sets, eval_rounds, report_metrics
+from megatron_oapl.evaluation import EvalRound, check_eval_sets, eval_rounds, record_round, report_metrics
 from megatron_oapl.rollout.dataset import RolloutDataset
 from megatron_oapl.rollout.fleet import Fleet, FleetStopped
 from megatron_oapl.rollout.orders import (
@@ -67,8 +67,8 @@ class DatasetRollouts:
         self.data = RolloutDataset(cfg.lag.offline_dataset, cfg.fleet)
         steps = ("steps skip the all-equal groups (fleet.dynamic_sampling)" if self.limit else
                  f"{len(self.data) // self.per_step} steps")
-        print(f"[oapl] offline round: {len(self.data)} groups from {cfg.lag.offline_dataset} "
-              f"({steps}; later steps reuse them in the same order), no weight pushes", flush=True)
+        log.info("offline round: %d groups from %s (%s; later steps reuse them in the same order), no weight "
+                 "pushes", len(self.data), cfg.lag.offline_dataset, steps)
 
     def next_message(self, step: int | None, version: int) -> dict:
         if step is None:
@@ -119,7 +119,9 @@ class FleetRollouts:
         self.buffer = VersionedBuffer(schedule)
         self.steps = StepAssembler(self.orders, self.buffer)
         # eval.every > 0: the fleet evaluates pushed versions (one eval order per prompt of each eval set).
-        self.eval_counts = check_eval_sets(cfg) if cfg.eval.every else {}  # split -> prompts
+        # The fleet evaluates the initial and the final weights (oapl train's before / after report) and,
+        # with eval.every > 0, pushed versions in between: one eval order per prompt of each eval set.
+        self.eval_counts = check_eval_sets(cfg)  # split -> prompts
         self.eval_rounds: dict[str, EvalRound] = {}  # the pending evaluation, by split
         self.last_pass_at_1: float | None = None
         self.resyncs = 0
@@ -218,8 +220,12 @@ class FleetRollouts:
         if self.orders.delivered((group.split, group.order_index)):
             pending.add(group)
         if pending.done:  # logged at the step of its push, whatever set finishes first
-            report = pending.report()
+            report = record_round(self.cfg.run_dir, pending)
             self.writer.scalars(report_metrics(report, pending.name), pending.step)
+            n = report.num_samples
+            log.info("evaluation of version %d (step %d) on %s: pass@1 %.3f ± %.3f, pass@%d %.3f, avg@%d %.3f",
+                     pending.version, pending.step, pending.name, report.pass_at_k[1], report.stderr[1], n,
+                     report.pass_at_k[n], n, report.avg_at_n)
             del self.eval_rounds[group.split]
             if group.split == next(iter(self.eval_counts)):  # the first set feeds the progress line
                 self.last_pass_at_1 = report.pass_at_k[1]

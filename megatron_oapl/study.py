@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -48,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 REUSE_AXIS = "reuse"
 DONE = "done.json"
@@ -231,14 +234,13 @@ class Runner:
         self.env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // parallel))} if parallel > 1 else None
 
     def _say(self, text: str) -> None:
-        with self.lock:
-            print(f"[study] {text}", flush=True)
+        log.info("%s", text)
 
-    def _call(self, cmd: list[str], log) -> int:
+    def _call(self, cmd: list[str], transcript) -> int:
         with self.lock:
             if self.stopping:
                 return -signal.SIGTERM
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+            proc = subprocess.Popen(cmd, stdout=transcript, stderr=subprocess.STDOUT, env=self.env)
             self.procs.add(proc)
         try:
             return proc.wait()
@@ -262,7 +264,7 @@ class Runner:
         previous.write_text(json.dumps(record, indent=2) + "\n")
         self._say(f"{index}/{total} {cell.name}: start ({state})")
         start = time.monotonic()
-        with open(cell.run_dir / LOG, "a") as log:
+        with open(cell.run_dir / LOG, "a") as transcript:
             if cell.reuse is not None and not cell.rollouts.is_file():
                 from megatron_oapl.config import load_config
 
@@ -271,17 +273,17 @@ class Runner:
                 cmd = [sys.executable, "-m", "megatron_oapl.cli", "generate", str(self.study.base), *cell.overrides,
                        f"run_dir={cell.run_dir / 'generate'}", "--out", str(cell.rollouts),
                        "--steps", str(steps)]
-                log.write(f"$ {' '.join(cmd)}\n")
-                log.flush()
-                rc = self._call(cmd, log)
+                transcript.write(f"$ {' '.join(cmd)}\n")
+                transcript.flush()
+                rc = self._call(cmd, transcript)
                 if rc != 0:
                     self._say(f"{index}/{total} {cell.name}: FAILED: oapl generate exited {rc} "
                               f"(see {cell.run_dir / LOG})")
                     return False
             cmd = [sys.executable, "-m", "megatron_oapl.cli", "train", str(self.study.base), *_run_overrides(cell)]
-            log.write(f"$ {' '.join(cmd)}\n")
-            log.flush()
-            rc = self._call(cmd, log)
+            transcript.write(f"$ {' '.join(cmd)}\n")
+            transcript.flush()
+            rc = self._call(cmd, transcript)
         seconds = time.monotonic() - start
         if rc != 0:
             self._say(f"{index}/{total} {cell.name}: FAILED: oapl train exited {rc} after {seconds:.0f} s "
@@ -343,12 +345,12 @@ def main(study_file: str, parallel: int = 1, report_only: bool = False, dry_run:
     try:
         failed = [] if report_only else Runner(study, parallel).run()
     except KeyboardInterrupt:
-        print("[study] interrupted; run the same command again to resume", file=sys.stderr)
+        log.warning("interrupted; run the same command again to resume")
         return 130
     report = write_report(study)
-    print(f"[study] report: {report} ({(time.monotonic() - start) / 60:.1f} min in all)")
+    print(f"report: {report} ({(time.monotonic() - start) / 60:.1f} min in all)")
     if failed:
-        print(f"[study] {len(failed)} of {len(study.cells)} cells failed ({', '.join(c.name for c in failed)}); "
-              "run the same command again to resume them", file=sys.stderr)
+        log.error("%d of %d cells failed (%s); run the same command again to resume them", len(failed),
+                  len(study.cells), ", ".join(c.name for c in failed))
         return 1
     return 0

@@ -7,8 +7,9 @@ processes, the versioned buffer, the lag schedule's bookkeeping, TensorBoard and
                 engines first) -> control channel -> [recompute logp_lag] -> OAPL step through Megatron
     every L:    version += 1 -> every pipeline stage pushes its layers to every engine -> the buffer
                 drops all groups of older versions
-    eval.every: the fleet also samples the held-out prompts with the version just pushed; the
-                coordinator logs eval/pass@k before the next push
+    eval:       the fleet also samples the eval sets with the initial weights, with the version pushed
+                every eval.every steps and with the final weights; the coordinator logs eval/pass@k
+                (and RUN_DIR/eval/history.jsonl, where `oapl train` reads its before / after report)
     offline:    (lag.mode=offline) the groups come from a dataset `oapl generate` wrote, streamed by
                 order; no fleet, no pushes: one round as long as the run
 
@@ -87,7 +88,7 @@ class Coordinator:
         self.step_wait_seconds = 0.0  # this step's wait, reset when the step is logged
 
     def say(self, text: str) -> None:
-        print(f"[oapl] {text}", flush=True)
+        log.info("%s", text)
 
     def start(self, first_step: int, first_position: int, version: int) -> tuple[str, int] | None:
         """Start the rollout source (a fleet may take many minutes); the weight store's address, or None
@@ -107,7 +108,7 @@ class Coordinator:
         if answer is not None:
             self.progress = _progress(cfg, first_step)
             if first_step == 1:
-                self.source.start_eval(version, step=0)  # eval.every > 0: the initial weights, at step 0
+                self.source.start_eval(version, step=0)  # the initial weights ("before"), at step 0
         return answer
 
     def next_message(self, step: int | None, version: int) -> dict:
@@ -358,6 +359,7 @@ class TrainLoop:
         self.last_saved = self.first_step - 1  # the checkpoint this run started from (0: none)
         self.position = self.first_position  # sampler position after the last step trained (what a checkpoint stores)
         self.sync: SyncState | None = None
+        self.evaluated_version = -1  # the last version whose evaluation was started
         channel = ControlChannel.of_world()
         # The one place that tells rank 0 from the others.
         self.rollouts = (Coordinator(cfg, cfg_dict, self.schedule, channel, self.stop) if ctx.is_coordinator
@@ -376,7 +378,9 @@ class TrainLoop:
             if self.train_one(step):
                 return  # a stopped run ends at its checkpoint: no waiting on the fleet, no final export
         self.rollouts.end_of_training()
-        self.receive_groups(None)  # a pending evaluation
+        if not self.offline:
+            self.evaluate_final(self.cfg.optim.train_steps)
+        self.receive_groups(None)  # the pending evaluation
         _export_final(self.policy, self.mapping, self.ctx, self.cfg)
 
     def train_one(self, step: int) -> bool:
@@ -447,8 +451,21 @@ class TrainLoop:
             copy_weights(self.policy.model, self.frozen)
         every, sync_every = self.cfg.eval.every, self.schedule.sync_every
         if every and step // every > (step - sync_every) // every:
-            self.rollouts.start_eval(self.version, step)  # this round crossed a multiple of eval.every
+            self.start_eval(step)  # this round crossed a multiple of eval.every
         return {M.SYNC_SECONDS: time.perf_counter() - sync_start, M.SYNC_BYTES: self.sync.pusher.last_bytes}
+
+    def start_eval(self, step: int) -> None:
+        self.rollouts.start_eval(self.version, step)
+        self.evaluated_version = self.version
+
+    def evaluate_final(self, step: int) -> None:
+        """The trained weights on every eval set, sampled by the training fleet (`oapl train`'s "after"
+        report, and eval/pass@k at the last step): pushed first if the last round ended before its L steps."""
+        if not self.schedule.sync_after(step):
+            self.version += 1
+            self.sync_engines(*self.rollouts.sync_targets(), fresh=True)
+        if self.evaluated_version != self.version:
+            self.start_eval(step)
 
     def sync_engines(self, engines: list[int], receivers: int, fresh: bool) -> None:
         """Bring `engines` (holding `receivers` weight-group ranks) to the current version: the coordinator

@@ -1,5 +1,13 @@
 """Run checkpoints (atomic, verified, resharding) and Megatron <-> Hugging Face conversion.
 
+    files.py            the checkpoint directory's layout, manifests, verification, pruning (no Megatron)
+    stop.py             signals and the --save-by deadline: stop at a step boundary
+    collective.py       the collectives the save and the load share (no-ops in a single process)
+    megatron_compat.py  shims around megatron-core 0.16.1's checkpointing
+    save_load.py        save one checkpoint directory atomically; load it, resharding
+    run_checkpoint.py   CheckpointManager: a run's checkpoints (latest, pruning, refusing damaged ones)
+    convert.py          `oapl convert`
+
     from megatron_oapl.checkpoint import CheckpointManager, install_signal_handlers
 
 Names are resolved lazily, so `megatron_oapl.checkpoint.convert.add_convert_parser` can be imported by
@@ -11,20 +19,20 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "FORMAT_VERSION": "run_checkpoint",
+    "FORMAT_VERSION": "files",
+    "list_checkpoints": "files",
+    "prune_checkpoints": "files",
+    "read_meta": "files",
+    "resolve_checkpoint": "files",
+    "verify_checkpoint": "files",
+    "StopRequest": "stop",
+    "install_signal_handlers": "stop",
+    "received_stop_signal": "stop",
+    "load_checkpoint": "save_load",
+    "load_model_weights": "save_load",
+    "save_checkpoint": "save_load",
     "CheckpointManager": "run_checkpoint",
     "CheckpointRefused": "run_checkpoint",
-    "StopRequest": "run_checkpoint",
-    "install_signal_handlers": "run_checkpoint",
-    "list_checkpoints": "run_checkpoint",
-    "load_checkpoint": "run_checkpoint",
-    "load_model_weights": "run_checkpoint",
-    "prune_checkpoints": "run_checkpoint",
-    "read_meta": "run_checkpoint",
-    "received_stop_signal": "run_checkpoint",
-    "resolve_checkpoint": "run_checkpoint",
-    "save_checkpoint": "run_checkpoint",
-    "verify_checkpoint": "run_checkpoint",
     "hf_to_megatron": "convert",
     "megatron_to_hf": "convert",
     "add_convert_parser": "convert",

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -39,6 +40,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 # No torch / Megatron at import time: the CLI imports `add_convert_parser` before parsing.
 DTYPES = ("bf16", "fp16", "fp32")
@@ -212,7 +215,7 @@ def export_hf_rank(cfg, ctx, ckpt_dir: str | Path, out_dir: str | Path, dtype) -
     import torch
     import torch.distributed as dist
 
-    from megatron_oapl.checkpoint.run_checkpoint import load_model_weights
+    from megatron_oapl.checkpoint.save_load import load_model_weights
     from megatron_oapl.models.hf_mapping import HFMapping
     from megatron_oapl.models.presets import get_architecture
     from megatron_oapl.weights.export import export_hf_model
@@ -236,7 +239,7 @@ def export_hf_rank(cfg, ctx, ckpt_dir: str | Path, out_dir: str | Path, dtype) -
 def import_hf_rank(cfg, ctx, hf_dir: str | Path, out_dir: str | Path) -> list:
     """Every rank loads its shard of `hf_dir`'s weights; together they save checkpoint `out_dir` (step 0,
     model only). Returns this rank's model chunks. `cfg` is `import_config(hf_dir, tp, pp, ...)`."""
-    from megatron_oapl.checkpoint.run_checkpoint import save_checkpoint
+    from megatron_oapl.checkpoint.save_load import save_checkpoint
     from megatron_oapl.learner.model import Policy
     from megatron_oapl.models.hf_mapping import HFMapping
     from megatron_oapl.models.presets import get_architecture
@@ -306,7 +309,7 @@ def _import_entry(cfg_dict: dict, hf_dir: str, out_dir: str) -> None:
 def megatron_to_hf(ckpt: str | Path, out: str | Path, dtype: str | None = None) -> Path:
     """Export a Megatron run checkpoint as an HF model directory (spawns one rank). `dtype`: bf16 |
     fp16 | fp32; None = the run's `precision.params_dtype`."""
-    from megatron_oapl.checkpoint.run_checkpoint import resolve_checkpoint, verify_checkpoint
+    from megatron_oapl.checkpoint.files import resolve_checkpoint, verify_checkpoint
     from megatron_oapl.config import to_dict
 
     ckpt_dir = resolve_checkpoint(ckpt)
@@ -319,8 +322,8 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, dtype: str | None = None) 
         raise ConversionError(f"--dtype={dtype!r} must be one of: {', '.join(DTYPES)}")
     source = cfg.model.hf_path
     if source and not (Path(source) / "config.json").is_file():
-        print(f"note: model.hf_path={source} (from the checkpoint's config.yaml) is not here: no tokenizer "
-              "files are copied and token ids come from nowhere; copy them from the source model", file=sys.stderr)
+        log.warning("model.hf_path=%s (from the checkpoint's config.yaml) is not here: no tokenizer files are "
+                    "copied and token ids come from nowhere; copy them from the source model", source)
     spawn_ranks(1, _export_entry, to_dict(cfg), str(ckpt_dir), str(out), dtype)
     return Path(out)
 

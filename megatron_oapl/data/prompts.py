@@ -35,7 +35,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterator
 
-from megatron_oapl.config import ConfigError
+from megatron_oapl.config import CHOICES, ConfigError
 from megatron_oapl.rollout.types import Prompt
 
 __all__ = ["DataError", "SPLITS", "EVAL_SEED_OFFSET", "load_prompts", "load_split", "prompt_token_ids",
@@ -46,7 +46,6 @@ logger = logging.getLogger(__name__)
 SPLITS = ("train", "eval")
 EVAL_SEED_OFFSET = 1_000_003
 EVAL_CANDIDATE_FACTOR = 4
-_SOURCES = ("reasoning_gym", "jsonl", "parquet")
 
 
 class DataError(ValueError):
@@ -67,7 +66,7 @@ def load_prompts(data_cfg: Any, split: str, tokenizer: Any = None) -> list[Promp
     elif source in ("jsonl", "parquet"):
         prompts = _from_file(data_cfg, split, source)
     else:
-        raise ConfigError(f"data.source={source!r} must be one of: {', '.join(_SOURCES)}")
+        raise ConfigError(f"data.source={source!r} must be one of: {', '.join(CHOICES['data.source'])}")
     return _encoded(prompts, tokenizer, data_cfg.chat_template)
 
 

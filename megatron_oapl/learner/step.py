@@ -31,7 +31,7 @@ from megatron_oapl import metrics as M
 from megatron_oapl.algo import grpo_loss, oapl_loss
 from megatron_oapl.algo.grpo import clipped_surrogate, group_normalized_advantages
 from megatron_oapl.algo.oapl import degenerate_groups, residuals, v_star
-from megatron_oapl.config import ConfigError
+from megatron_oapl.config import CHOICES, ConfigError
 from megatron_oapl.learner.batch import (
     SequenceMicroBatch,
     TrainBatch,
@@ -145,7 +145,7 @@ def _loss(spec: LossSpec, mb: TrainBatch, logits: torch.Tensor):
             eps_low=spec.eps_low, eps_high=spec.eps_high, normalizer=1.0,
         )
     else:
-        raise ValueError(f"algo.loss={spec.loss!r} is not a known loss (allowed: oapl, grpo)")
+        raise ValueError(f"algo.loss={spec.loss!r} is not a known loss (allowed: {', '.join(CHOICES['algo.loss'])})")
     # Metrics are means over this micro-batch: weight them by the sequence count to average later.
     record = {k: (v * n_seq if _reduce_op(k) == "sum" else v) for k, v in metrics.items()}
     record.update(
@@ -330,7 +330,7 @@ def _sequence_loss(spec: LossSpec, targets: SequenceTargets, mb: SequenceMicroBa
                   "approx_kl": torch.where(on, ratio.detach() - 1.0 - lr, zero).sum() * w,
                   "abs_log_ratio_mean": _per_sequence(torch.where(on, lr, zero), mb).abs().sum()}
     else:
-        raise ValueError(f"algo.loss={spec.loss!r} is not a known loss (allowed: oapl, grpo)")
+        raise ValueError(f"algo.loss={spec.loss!r} is not a known loss (allowed: {', '.join(CHOICES['algo.loss'])})")
     # Sums over sequences (token sums scaled by token_weight): the reduction divides by the global count.
     record.update(
         loss_sum=loss.detach(), loss_count=torch.tensor(float(count)),

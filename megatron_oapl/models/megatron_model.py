@@ -13,7 +13,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from megatron_oapl.config import ConfigError, check_hardware
+from megatron_oapl.config import CHOICES, ConfigError, check_hardware
 from megatron_oapl.models.fp8 import fp8_transformer_config_kwargs
 from megatron_oapl.models.presets import get_architecture
 from megatron_oapl.models.rope import apply_rope_scaling
@@ -50,7 +50,8 @@ def recompute_kwargs(par) -> dict:
                 "recompute_num_layers": par.recompute_num_layers}
     if par.recompute == "selective":
         return {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
-    raise ConfigError(f"parallel.recompute={par.recompute!r} is not allowed (allowed: none, full, selective)")
+    raise ConfigError(f"parallel.recompute={par.recompute!r} is not allowed "
+                      f"(allowed: {', '.join(CHOICES['parallel.recompute'])})")
 
 
 def padded_vocab_size(model_cfg, tp_size: int) -> int:

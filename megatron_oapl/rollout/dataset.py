@@ -292,8 +292,8 @@ def generate(cfg, cfg_dict: dict, out: str | Path, steps: int, progress: bool = 
     wanted = steps * cfg.fleet.prompts_per_step
     done = {i for i in orders_on_disk(out, cfg.fleet) if i < wanted}
     if done:
-        print(f"[oapl] {out} already holds {len(done)} of the {wanted} groups: sampling the other "
-              f"{wanted - len(done)}", flush=True)
+        log.info("%s already holds %d of the %d groups: sampling the other %d", out, len(done), wanted,
+                 wanted - len(done))
     if len(done) == wanted:
         return out
     sampler = PromptSampler(len(load_prompts(cfg.data, "train")), cfg.data.seed)
@@ -361,8 +361,7 @@ def _generate_dynamic(cfg, cfg_dict: dict, out: Path, steps: int, progress: bool
     per_step = cfg.fleet.prompts_per_step
     known = degenerate_on_disk(out, cfg.fleet)  # order -> all-equal raw scores
     if known:
-        print(f"[oapl] {out} already holds {len(known)} groups: sampling only what the {steps} steps still "
-              "need", flush=True)
+        log.info("%s already holds %d groups: sampling only what the %d steps still need", out, len(known), steps)
     num_prompts = len(load_prompts(cfg.data, "train"))
     check_prompt_count(cfg, num_prompts)
     book = OrderBook(PromptSampler(num_prompts, cfg.data.seed), cfg.seed, per_step, sync_every=steps,

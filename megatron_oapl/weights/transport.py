@@ -35,6 +35,7 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from megatron_oapl.config import CHOICES
 from megatron_oapl.weights.bucket import BucketHeader, checksum, pack_buckets, unpack_bucket
 
 
@@ -87,8 +88,9 @@ def choose_backend(requested: str, member_devices: list[str]) -> tuple[str, str]
     which moves the buckets through host memory. Every member computes this from the same list, so all
     of them agree without another round trip.
     """
-    if requested not in ("auto", "gloo", "nccl"):
-        raise ValueError(f"fleet.weight_sync.backend={requested!r} is not a backend (allowed: auto, gloo, nccl)")
+    allowed = CHOICES["fleet.weight_sync.backend"]
+    if requested not in allowed:
+        raise ValueError(f"fleet.weight_sync.backend={requested!r} is not a backend (allowed: {', '.join(allowed)})")
     if requested == "gloo":
         return "gloo", "fleet.weight_sync.backend=gloo"
     without_gpu = [rank for rank, dev in enumerate(member_devices) if dev == _CPU]

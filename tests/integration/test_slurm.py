@@ -107,7 +107,7 @@ def assert_finished_run(cluster: SlurmCluster, job_id: str, run_dir: Path, steps
 
 def learner_node(run_dir: Path) -> str:
     text = "".join(p.read_text() for p in (run_dir / "logs").glob("*-learner.out"))
-    match = re.search(r"\[srun_env\] rank 0/\d+ local_rank 0 on node (\S+)", text)
+    match = re.search(r"\[rank 0\] srun_env: rank 0/\d+ local_rank 0 on node (\S+)", text)
     assert match, logs(run_dir)
     return match.group(1)
 
@@ -293,7 +293,7 @@ def test_external_fleet_runs_the_engines_on_the_fleet_node(cluster, tiny_model, 
     assert info["HetJobIdSet"], info
     assert learner_node(run_dir) == "node1"
     fleet_log = (run_dir / "logs" / f"oapl-external-{job}-fleet.out").read_text()
-    assert "[fleet] node node2 (index 0): engines [0]" in fleet_log, fleet_log
+    assert "node node2 (index 0): engines [0]" in fleet_log, fleet_log
     assert "engine 0 generation 0 started" in fleet_log
     assert not (run_dir / "coordinator.json").exists()
 

@@ -177,6 +177,13 @@ def test_short_run_syncs_on_schedule_and_logs(tiny_model, tmp_path):
     reports = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert set(reports) == {"before", "after", "three_terms/before", "three_terms/after"}
     assert reports["before"]["num_prompts"] == 6 and reports["three_terms/after"]["num_samples"] == 4
+    # Before / after are the training fleet's own evaluations of steps 0 and 6 (no fleet of their own).
+    history = [json.loads(line) for line in (run_dir / "eval" / "history.jsonl").read_text().splitlines()]
+    assert sorted((h["step"], h["set"]) for h in history) == [(s, n) for s in (0, 4, 6) for n in ("three_terms",
+                                                                                                   "two_terms")]
+    final = {h["set"]: h for h in history if h["step"] == 6}
+    assert reports["after"]["pass_at_k"] == {str(k): v for k, v in final["two_terms"]["pass_at_k"].items()}
+    assert not (run_dir / "eval" / "engines").exists()  # evaluate() keeps its engines' pid files there
     # The final model is an HF directory transformers loads; the eval report and plot exist.
     import transformers
 
@@ -469,7 +476,7 @@ def test_stop_signal_while_the_fleet_is_unresponsive_saves_the_last_step_and_exi
     prompts = load_prompts(cfg.data, "train")
     sampler = PromptSampler(len(prompts), cfg.data.seed)
     allowed = tmp_path / "steps-1-2.json"  # the prompts of work orders 0..7 (steps 1 and 2), and the held-out
-    # ones (the launcher's "before" evaluation samples them on a fleet of its own)
+    # ones (the fleet evaluates the initial weights beside the first steps)
     allowed.write_text(json.dumps([prompts[sampler.prompt_index(i)].prompt_id for i in range(8)]
                                   + [p.prompt_id for p in load_prompts(cfg.data, "eval")]))
     # No push in this run (L > steps): only the fleet's silence can block the learner.

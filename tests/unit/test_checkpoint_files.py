@@ -8,7 +8,7 @@ import json
 import pytest
 
 from megatron_oapl.checkpoint import CheckpointManager, CheckpointRefused, prune_checkpoints
-from megatron_oapl.checkpoint.run_checkpoint import FORMAT_VERSION, sha256_file
+from megatron_oapl.checkpoint.files import FORMAT_VERSION, sha256_file
 
 
 def _checkpoint(root, step: int, manifest: bool = True):

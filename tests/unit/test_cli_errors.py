@@ -3,6 +3,7 @@ no traceback (the config, the run directory, a model directory without a tokeniz
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from megatron_oapl import cli
@@ -12,8 +13,9 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
 def _error_line(capsys) -> str:
+    """The one line of stderr that is not a log record (status lines such as "evaluating ..." are)."""
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
+    lines = [line for line in err.splitlines() if line.strip() and not re.match(r"\d\d:\d\d:\d\d \[oapl\] ", line)]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 

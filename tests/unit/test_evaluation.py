@@ -108,3 +108,29 @@ def test_bad_eval_sets_are_one_line_naming_the_set(tmp_path):
     blank.write_text('{"prompt": "", "answer": "1"}\n')
     with pytest.raises(ConfigError, match=r"eval\.sets\.b: prompt .* of eval set 'b' encodes to no tokens"):
         check_eval_sets(_run_cfg(f"eval.sets={{b: {{source: file, path: {blank}}}}}"), NoTokens())
+
+
+def test_the_training_fleets_evaluations_are_read_back_by_step_and_set(tmp_path):
+    """record_round appends each finished evaluation; fleet_reports gives the latest one of a step for every
+    set asked, in the order asked (the first set is the one `oapl study` reads), or None if one is missing."""
+    from megatron_oapl.evaluation import EvalRound, HISTORY, fleet_reports, record_round
+
+    def finished(version, step, split, correct):
+        r = EvalRound(version, step, num_prompts=len(correct), num_samples=4, split=split)
+        for i, c in enumerate(correct):
+            r.correct[i], r.reward_sum = c, r.reward_sum + c
+        return r
+
+    record_round(tmp_path, finished(0, 0, "eval/b", [1, 2]))
+    record_round(tmp_path, finished(0, 0, "eval/a", [0, 4]))
+    record_round(tmp_path, finished(3, 6, "eval/a", [2, 2]))
+    with open(tmp_path / "eval" / HISTORY, "a") as f:
+        f.write('{"version": 9, "st')  # a line a crash cut short
+    before = fleet_reports(tmp_path, 0, ["a", "b"])
+    assert list(before) == ["a", "b"]
+    assert before["a"] == report_from_counts([0, 4], 4, avg_at_n=0.5)
+    assert before["b"].pass_at_k == report_from_counts([1, 2], 4).pass_at_k
+    assert fleet_reports(tmp_path, 6, ["a", "b"]) is None  # set b of step 6 never finished
+    assert fleet_reports(tmp_path, 6, ["a"])["a"].correct == [2, 2]
+    record_round(tmp_path, finished(4, 6, "eval/a", [3, 3]))  # a later evaluation at the same step wins
+    assert fleet_reports(tmp_path, 6, ["a"])["a"].correct == [3, 3]

@@ -26,3 +26,17 @@ def test_project_info_lines_reach_stderr_with_the_rank():
         "[rank 3] checkpoint: saved checkpoint step_2",
         "[rank 3] WARNING data.prompts: eval is not held out",
     ], out.stderr
+
+
+def test_records_follow_a_replaced_sys_stderr(monkeypatch):
+    """pytest's capture and redirects swap sys.stderr after logging was set up: the lines follow the swap."""
+    import io
+    import logging
+
+    from megatron_oapl.log_setup import setup_logging
+
+    setup_logging("oapl")
+    swapped = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", swapped)
+    logging.getLogger("oapl.cli").warning("does not fit (starting anyway: --force)")
+    assert swapped.getvalue().endswith("[oapl] WARNING cli: does not fit (starting anyway: --force)\n")

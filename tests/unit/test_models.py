@@ -11,11 +11,11 @@ import sys
 import pytest
 import torch
 
-from megatron_oapl.config import ConfigError, from_dict
+from megatron_oapl.config import CHOICES, ConfigError, from_dict
 from megatron_oapl.models.fp8 import fp8_transformer_config_kwargs
 from megatron_oapl.models.megatron_model import build_transformer_config, padded_vocab_size
 
-FP8_RECIPES = ["delayed", "tensorwise", "blockwise", "mxfp8"]
+FP8_RECIPES = list(CHOICES["precision.fp8.recipe"])
 
 
 def fp8_cfg(recipe: str, **fp8):
@@ -88,7 +88,7 @@ def test_recompute_bad_values_are_one_line_naming_the_field():
 
 BROKEN_TE_PROBE = """
 import torch
-from megatron_oapl.config import ConfigError, from_dict
+from megatron_oapl.config import CHOICES, ConfigError, from_dict
 try:
     from_dict({})
 except ConfigError as err:

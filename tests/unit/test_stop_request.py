@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from megatron_oapl.checkpoint.run_checkpoint import StopRequest, install_signal_handlers, save_by_deadline
+from megatron_oapl.checkpoint.stop import StopRequest, install_signal_handlers, save_by_deadline
 from tests.support.distributed import run_ranks
 
 
