@@ -98,7 +98,7 @@ class RopeScalingConfig:
 @dataclass
 class ModelConfig:
     preset: str = "llama"
-    """Architecture preset (layer spec + HF name map): llama | qwen2 | qwen3."""
+    """Architecture preset (layer spec + HF name map): llama | qwen2 | qwen3 | qwen3_moe."""
     hf_path: str | None = None
     """HF model directory, or hub id (org/name) found in the local Hugging Face cache (no downloads: fetch
     it first with `hf download ID`, or `huggingface-cli download ID`), to load weights from; when set, the architecture fields
@@ -132,6 +132,19 @@ class ModelConfig:
     """Std of the normal init for weights built from scratch."""
     make_vocab_size_divisible_by: int = 1
     """Pad the vocabulary to a multiple of this times the tensor-parallel size (Megatron's padding)."""
+    num_experts: int = 0
+    """Routed experts of every MoE layer (qwen3_moe: config.json num_experts); 0 = a dense MLP (other presets)."""
+    moe_ffn_hidden_size: int | None = None
+    """Width of one expert's intermediate layer (config.json moe_intermediate_size); null = ffn_hidden_size."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to (config.json num_experts_per_tok)."""
+    moe_norm_topk_prob: bool = True
+    """Renormalise the top-k routing weights to sum to 1 (config.json norm_topk_prob)."""
+    moe_aux_loss_coeff: float | None = None
+    """Weight of the router's load-balancing loss; null = config.json router_aux_loss_coef (transformers'
+    default 0.001). Added to the policy loss by Megatron in backward; 0 = off."""
+    moe_z_loss_coeff: float = 0.0
+    """Weight of the router z-loss (penalises large router logits); Qwen3-MoE has none (0 = off)."""
 
 
 @dataclass
@@ -140,6 +153,9 @@ class ParallelConfig:
     """Tensor-parallel size (TP) of the learner; must divide the attention heads and KV groups."""
     pipeline_model_parallel_size: int = 1
     """Pipeline-parallel size (PP) of the learner; must divide num_layers."""
+    expert_model_parallel_size: int = 1
+    """Expert-parallel size (EP) of an MoE policy: each EP rank holds num_experts / EP experts. EP ranks are
+    data-parallel ranks of the dense layers, so EP must divide DP; experts are also split over TP."""
     data_parallel_size: int | None = None
     """Data-parallel size (DP); null = world_size / (TP * PP). When set, world_size must equal TP*PP*DP."""
     sequence_parallel: bool = False
@@ -456,7 +472,7 @@ class RunConfig:
 
 # Allowed values of every choice field, by dotted name.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.preset": ("llama", "qwen2", "qwen3"),
+    "model.preset": ("llama", "qwen2", "qwen3", "qwen3_moe"),
     "model.rope_scaling.type": ("none", "linear", "llama3"),
     "parallel.backend": ("auto", "gloo", "nccl"),
     "parallel.recompute": ("none", "full", "selective"),
@@ -741,7 +757,9 @@ _BOUNDS: list[tuple[str, str]] = [
     ("model.num_attention_heads", _ONE), ("model.num_query_groups", _ONE), ("model.kv_channels", _ONE),
     ("model.vocab_size", _ONE), ("model.max_seq_length", "> 1"), ("model.rotary_base", _POS),
     ("model.norm_epsilon", _POS), ("model.init_method_std", _POS),
-    ("model.make_vocab_size_divisible_by", _ONE), ("model.rope_scaling.factor", _POS),
+    ("model.make_vocab_size_divisible_by", _ONE), ("model.num_experts", _NONNEG),
+    ("model.moe_ffn_hidden_size", _ONE), ("model.moe_router_topk", _ONE), ("model.moe_aux_loss_coeff", _NONNEG),
+    ("model.moe_z_loss_coeff", _NONNEG), ("parallel.expert_model_parallel_size", _ONE), ("model.rope_scaling.factor", _POS),
     ("model.rope_scaling.low_freq_factor", _POS), ("model.rope_scaling.high_freq_factor", _POS),
     ("model.rope_scaling.original_max_position_embeddings", _ONE),
     ("parallel.tensor_model_parallel_size", _ONE), ("parallel.pipeline_model_parallel_size", _ONE),
@@ -891,6 +909,39 @@ def _model_parallel_errors(cfg: RunConfig) -> list[str]:
     return errors
 
 
+def _moe_errors(cfg: RunConfig) -> list[str]:
+    """Experts against the preset, the router and the EP x TP split."""
+    m, p = cfg.model, cfg.parallel
+    ep, tp = p.expert_model_parallel_size, p.tensor_model_parallel_size
+    if m.num_experts == 0:
+        if m.preset == "qwen3_moe":
+            return ["model.num_experts=0: model.preset='qwen3_moe' needs routed experts (allowed: >= 1)"]
+        if ep > 1:
+            return [f"parallel.expert_model_parallel_size={ep} needs an MoE model (model.num_experts=0; allowed: 1)"]
+        return []
+    if m.preset != "qwen3_moe":
+        return [f"model.num_experts={m.num_experts}: model.preset={m.preset!r} is dense (allowed: 0, or "
+                "model.preset='qwen3_moe')"]
+    errors = []
+    if p.data_parallel_size is not None and p.data_parallel_size % ep:
+        errors.append(f"parallel.expert_model_parallel_size={ep} must divide parallel.data_parallel_size="
+                      f"{p.data_parallel_size} (expert-parallel ranks are data-parallel ranks of the dense layers)")
+    if m.num_experts % ep:
+        errors.append(f"parallel.expert_model_parallel_size={ep} must divide model.num_experts={m.num_experts} "
+                      f"(allowed: {_divisors(m.num_experts)})")
+    if m.moe_router_topk > m.num_experts:
+        errors.append(f"model.moe_router_topk={m.moe_router_topk} must be <= model.num_experts={m.num_experts}")
+    if tp > 1 and not p.sequence_parallel:
+        # Megatron's MoE layer refuses to train with TP but without SP (each TP rank would route the same tokens).
+        errors.append(f"parallel.tensor_model_parallel_size={tp} with experts needs parallel.sequence_parallel="
+                      "true (allowed: true, or TP=1)")
+    width = m.moe_ffn_hidden_size or m.ffn_hidden_size
+    if width % tp:
+        errors.append(f"model.moe_ffn_hidden_size={width} must be divisible by parallel.tensor_model_parallel_size"
+                      f"={tp} (experts are split over TP; allowed TP: {_divisors(width)})")
+    return errors
+
+
 def _precision_errors(cfg: RunConfig) -> list[str]:
     """FP8 and the parameter dtype."""
     errors: list[str] = []
@@ -952,12 +1003,17 @@ def _data_errors(cfg: RunConfig) -> list[str]:
     return errors
 
 
-def validate(cfg: RunConfig, check_hardware: bool = True) -> None:
-    """All checks of a config, across sections; raises one ConfigError listing every problem."""
+def validate(cfg: RunConfig, check_hardware: bool = True, model_read: bool | None = None) -> None:
+    """All checks of a config, across sections; raises one ConfigError listing every problem.
+
+    `model_read`: whether the model section describes the model (default: no model.hf_path). With an HF
+    path the experts are checked only once its config.json is read (models/hf_config.resolve_model)."""
     errors = _choice_and_bound_errors(cfg)
     if errors:  # the cross checks below assume sane values
         raise ConfigError("\n".join(errors), errors)
-    errors = [*_model_parallel_errors(cfg), *_precision_errors(cfg), *_sampling_errors(cfg), *_data_errors(cfg)]
+    model_read = not cfg.model.hf_path if model_read is None else model_read
+    errors = [*_model_parallel_errors(cfg), *(_moe_errors(cfg) if model_read else []), *_precision_errors(cfg),
+              *_sampling_errors(cfg), *_data_errors(cfg)]
     if errors:
         raise ConfigError("\n".join(errors), errors)
     if check_hardware:
@@ -1016,6 +1072,11 @@ def check_world_size(cfg: RunConfig, world_size: int) -> int:
         raise ConfigError(f"parallel.data_parallel_size={want} does not match world_size={world_size} / "
                           f"(TP={tp} x PP={pp}) = {dp} (allowed: {dp}, or null to derive it; or launch "
                           f"{mp * want} ranks)")
+    ep = cfg.parallel.expert_model_parallel_size
+    if dp % ep:
+        raise ConfigError(f"parallel.expert_model_parallel_size={ep} must divide the data-parallel size {dp} "
+                          f"(world_size={world_size} / (TP={tp} x PP={pp}); expert-parallel ranks are "
+                          f"data-parallel ranks of the dense layers; launch a multiple of {mp * ep} ranks)")
     errors = _batch_split_errors(cfg, dp)
     if errors:
         raise ConfigError("\n".join(errors), errors)

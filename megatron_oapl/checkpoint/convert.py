@@ -79,16 +79,17 @@ def export_config(ckpt_dir: str | Path):
                               "megatron_oapl's CheckpointManager (the run config is needed to build the model)")
     overrides = [
         "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
-        "parallel.data_parallel_size=null", "parallel.micro_batch_groups=null",
+        "parallel.expert_model_parallel_size=1", "parallel.data_parallel_size=null", "parallel.micro_batch_groups=null",
         "parallel.sequence_parallel=false", "parallel.use_distributed_optimizer=false",
         "precision.fp8.enabled=false", "precision.fp8.fp8_param=false", "precision.fp8.first_last_layers_bf16=false"]
     return load_config(path, overrides, check_hardware=False)
 
 
-def import_config(hf_dir: str | Path, tp: int, pp: int, config_path: str | Path | None = None):
+def import_config(hf_dir: str | Path, tp: int, pp: int, config_path: str | Path | None = None, ep: int = 1):
     """A run config whose model section is read from `hf_dir/config.json` (the rest from
-    `config_path` or the defaults), with TP x PP and DP = 1. The layout is checked against the HF
-    model's shapes (heads, KV groups, layers), not against the YAML's own model section."""
+    `config_path` or the defaults), with TP x PP x EP and DP = EP (expert-parallel ranks are data-parallel
+    ranks). The layout is checked against the HF model's shapes (heads, KV groups, layers, experts), not
+    against the YAML's own model section."""
     from megatron_oapl.config import load_config, validate
     from megatron_oapl.models.hf_config import resolve_model
 
@@ -99,9 +100,11 @@ def import_config(hf_dir: str | Path, tp: int, pp: int, config_path: str | Path 
         # Without a run config, keep the HF model's context length (the defaults are the tiny run's).
         model = dataclasses.replace(model, max_seq_length=int(hf["max_position_embeddings"]))
     parallel = dataclasses.replace(cfg.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                   data_parallel_size=None, micro_batch_groups=None)
+                                   expert_model_parallel_size=ep, data_parallel_size=None, micro_batch_groups=None,
+                                   # Megatron trains experts under TP only with sequence parallelism
+                                   sequence_parallel=cfg.parallel.sequence_parallel or (tp > 1 and model.num_experts > 0))
     cfg = dataclasses.replace(cfg, model=model, parallel=parallel)
-    validate(cfg, check_hardware=False)
+    validate(cfg, check_hardware=False, model_read=True)
     return cfg
 
 
@@ -113,8 +116,17 @@ def _build_cfg(cfg):
                                parallel=dataclasses.replace(cfg.parallel, sequence_parallel=False))
 
 
+def _hf_moe_kwargs(model_cfg) -> dict:
+    """Qwen3MoeConfig's expert fields: every layer routed (no dense MLP layers), as the learner builds it."""
+    aux = model_cfg.moe_aux_loss_coeff
+    return dict(num_experts=model_cfg.num_experts, num_experts_per_tok=model_cfg.moe_router_topk,
+                moe_intermediate_size=model_cfg.moe_ffn_hidden_size or model_cfg.ffn_hidden_size,
+                norm_topk_prob=model_cfg.moe_norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[],
+                router_aux_loss_coef=0.001 if aux is None else aux)
+
+
 def hf_config(model_cfg, dtype, source_dir: str | Path | None = None):
-    """A transformers config (LlamaConfig / Qwen2Config / Qwen3Config) for `model_cfg`; `dtype` is a
+    """A transformers config (LlamaConfig / Qwen2Config / Qwen3Config / Qwen3MoeConfig) for `model_cfg`; `dtype` is a
     torch dtype or bf16 | fp16 | fp32. It describes the same function as the Megatron model (RoPE theta
     and scaling included), so an export -> import round trip keeps the model.
 
@@ -125,7 +137,8 @@ def hf_config(model_cfg, dtype, source_dir: str | Path | None = None):
     from megatron_oapl.models.presets import get_architecture
 
     arch = get_architecture(model_cfg.preset)
-    classes = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
+    classes = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+               "qwen3_moe": transformers.Qwen3MoeConfig}
     heads = model_cfg.num_attention_heads
     source = {}
     if source_dir and (Path(source_dir) / "config.json").is_file():
@@ -146,12 +159,14 @@ def hf_config(model_cfg, dtype, source_dir: str | Path | None = None):
         initializer_range=model_cfg.init_method_std,
         architectures=[arch.hf_architecture],
     )
-    if arch.name in ("llama", "qwen3"):
+    if arch.name in ("llama", "qwen3", "qwen3_moe"):
         kwargs["attention_bias"] = False  # Qwen2's q/k/v biases are implied by its model type
     if arch.name == "llama":
         kwargs["mlp_bias"] = False
-    if arch.name in ("qwen2", "qwen3"):
+    if arch.name in ("qwen2", "qwen3", "qwen3_moe"):
         kwargs["use_sliding_window"] = False
+    if arch.moe:
+        kwargs.update(_hf_moe_kwargs(model_cfg))
     rope = model_cfg.rope_scaling
     if rope.type == "linear":
         kwargs["rope_scaling"] = {"rope_type": "linear", "factor": rope.factor}
@@ -329,8 +344,8 @@ def megatron_to_hf(ckpt: str | Path, out: str | Path, dtype: str | None = None) 
 
 
 def hf_to_megatron(hf: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
-                   config: str | Path | None = None) -> Path:
-    """Convert an HF model directory into a Megatron checkpoint for TP x PP (spawns tp*pp ranks)."""
+                   config: str | Path | None = None, ep: int = 1) -> Path:
+    """Convert an HF model directory into a Megatron checkpoint for TP x PP x EP (spawns tp*pp*ep ranks)."""
     from megatron_oapl.config import to_dict
     from megatron_oapl.weights.hf_io import hf_tensor_reader
 
@@ -338,12 +353,12 @@ def hf_to_megatron(hf: str | Path, out: str | Path, tp: int = 1, pp: int = 1,
     if not (hf_dir / "config.json").is_file():
         raise ConversionError(f"--hf {hf_dir} is not an HF model directory (no config.json)")
     hf_tensor_reader(hf_dir)  # fails early, naming what is missing
-    cfg = import_config(hf_dir, tp, pp, config)
+    cfg = import_config(hf_dir, tp, pp, config, ep)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"--out {out} exists and is not empty; choose a new directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    spawn_ranks(tp * pp, _import_entry, to_dict(cfg), str(hf_dir), str(out))
+    spawn_ranks(tp * pp * ep, _import_entry, to_dict(cfg), str(hf_dir), str(out))
     return out
 
 
@@ -357,16 +372,17 @@ directions:
                   checkpoint directory, a run's checkpoints/ directory or the run directory (its
                   `latest`). The checkpoint is verified against its manifest first. FP8-trained
                   models are written dequantised.
-  hf-to-megatron  an HF Llama / Qwen2 / Qwen3 directory -> a Megatron checkpoint for TP x PP (model
-                  only, step 0). Train from it with checkpoint.load=OUT.
+  hf-to-megatron  an HF Llama / Qwen2 / Qwen3 / Qwen3-MoE directory -> a Megatron checkpoint for
+                  TP x PP (x EP for experts; model only, step 0). Train from it with checkpoint.load=OUT.
 
-where it runs: on this machine. hf-to-megatron starts TP*PP ranks (one GPU each on a GPU machine,
+where it runs: on this machine. hf-to-megatron starts TP*PP*EP ranks (one GPU each on a GPU machine,
 gloo processes on CPU), megatron-to-hf one rank that holds the whole model (weights only). Inside a
-SLURM allocation: srun -N1 -n1 --gpus=<TP*PP> oapl convert ...
+SLURM allocation: srun -N1 -n1 --gpus=<TP*PP*EP> oapl convert ...
 
 examples:
   oapl convert megatron-to-hf --ckpt runs/tiny --out runs/tiny-hf --dtype bf16
   oapl convert hf-to-megatron --hf runs/tiny-model --out runs/tiny-tp2 --tp 2 --pp 1
+  oapl convert hf-to-megatron --hf Qwen/Qwen3-30B-A3B --out ckpt/q30b --tp 2 --ep 4
 
 load the exported model:
   from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -397,8 +413,9 @@ def _run_megatron_to_hf(args) -> int:
 
 @_cli_errors
 def _run_hf_to_megatron(args) -> int:
-    hf_to_megatron(args.hf, args.out, args.tp, args.pp, args.config)
-    print(f"wrote {args.out} (TP={args.tp}, PP={args.pp}); train from it with checkpoint.load={args.out}")
+    hf_to_megatron(args.hf, args.out, args.tp, args.pp, args.config, args.ep)
+    print(f"wrote {args.out} (TP={args.tp}, PP={args.pp}, EP={args.ep}); train from it with "
+          f"checkpoint.load={args.out}")
     return 0
 
 
@@ -407,7 +424,7 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
     convert = subparsers.add_parser(
         "convert", help="convert between Megatron run checkpoints and Hugging Face model directories",
         description="Convert between Megatron run checkpoints and Hugging Face model directories "
-        "(Llama, Qwen2, Qwen3).", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "(Llama, Qwen2, Qwen3, Qwen3-MoE).", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = convert.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
 
     m2h = sub.add_parser("megatron-to-hf", help="run checkpoint -> HF model directory",
@@ -419,12 +436,14 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
                      help="dtype of the written weights (default: the run's precision.params_dtype)")
     m2h.set_defaults(func=_run_megatron_to_hf)
 
-    h2m = sub.add_parser("hf-to-megatron", help="HF model directory -> Megatron checkpoint for TP x PP",
+    h2m = sub.add_parser("hf-to-megatron", help="HF model directory -> Megatron checkpoint for TP x PP x EP",
                          epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     h2m.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
     h2m.add_argument("--out", required=True, help="checkpoint directory to write (new or empty)")
     h2m.add_argument("--tp", type=int, default=1, help="tensor-parallel size of the checkpoint (default 1)")
     h2m.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of the checkpoint (default 1)")
+    h2m.add_argument("--ep", type=int, default=1,
+                     help="expert-parallel size of an MoE checkpoint (default 1); the data-parallel size is EP")
     h2m.add_argument("--config", default=None,
                      help="run config YAML for the non-architecture sections (precision, ...); the "
                           "architecture always comes from the HF config.json")

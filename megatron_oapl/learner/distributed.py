@@ -81,6 +81,7 @@ def init_distributed(cfg) -> ParallelContext:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=cfg.parallel.expert_model_parallel_size,
         distributed_timeout_minutes=timeout_s / 60,  # Megatron makes a timedelta of it: fractions are fine
     )
     # Same seed on every rank: Megatron derives the per-TP-rank streams from it.

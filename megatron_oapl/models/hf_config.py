@@ -15,7 +15,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from megatron_oapl.config import ConfigError, RopeScalingConfig
+from megatron_oapl.config import ConfigError, RopeScalingConfig, validate
 from megatron_oapl.models.hf_cache import resolve_hf_path
 from megatron_oapl.models.presets import ARCHITECTURES
 
@@ -100,6 +100,33 @@ def check_supported(hf: dict, hf_dir, preset: str) -> None:
     types = [t for t in hf.get("layer_types") or () if t not in ("full_attention", "sliding_attention")]
     if types:
         raise _refuse(hf_dir, "layer_types", types[0], "allowed: full_attention")
+    if preset == "qwen3_moe":
+        _check_moe_supported(hf, hf_dir)
+
+
+def _check_moe_supported(hf: dict, hf_dir) -> None:
+    """Every layer must be the same routed-experts MLP: Megatron builds one layer spec for all of them."""
+    if hf.get("mlp_only_layers"):
+        raise _refuse(hf_dir, "mlp_only_layers", hf["mlp_only_layers"],
+                      "dense MLP layers among the MoE layers; allowed: []")
+    if hf.get("decoder_sparse_step", 1) != 1:
+        raise _refuse(hf_dir, "decoder_sparse_step", hf["decoder_sparse_step"],
+                      "MoE only on every n-th layer; allowed: 1 (every layer)")
+    if hf.get("shared_expert_intermediate_size"):
+        raise _refuse(hf_dir, "shared_expert_intermediate_size", hf["shared_expert_intermediate_size"],
+                      "shared experts are not built; allowed: 0")
+
+
+def _moe_fields(hf: dict, model_cfg) -> dict:
+    """The model section's MoE fields from a qwen3_moe config.json (the hub writes num_experts, transformers 5
+    num_local_experts); a set model.moe_aux_loss_coeff wins over the file's router_aux_loss_coef."""
+    aux = model_cfg.moe_aux_loss_coeff
+    return dict(num_experts=int(hf.get("num_experts") or hf["num_local_experts"]),
+                moe_ffn_hidden_size=int(hf["moe_intermediate_size"]),
+                moe_router_topk=int(hf["num_experts_per_tok"]),
+                # transformers' Qwen3MoeConfig default is False; the released checkpoints say True
+                moe_norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+                moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.001)) if aux is None else aux)
 
 
 def model_config_from_hf(model_cfg, hf_dir: str | Path):
@@ -134,6 +161,7 @@ def model_config_from_hf(model_cfg, hf_dir: str | Path):
         rope_scaling=rope_scaling,
         norm_epsilon=float(hf.get("rms_norm_eps", _DEFAULT_RMS_NORM_EPS)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        **(_moe_fields(hf, model_cfg) if ARCHITECTURES[preset].moe else dict(num_experts=0)),
     )
 
 
@@ -144,4 +172,6 @@ def resolve_model(cfg):
         return cfg
     local = resolve_hf_path(cfg.model.hf_path)
     model = dataclasses.replace(cfg.model, hf_path=local)
-    return dataclasses.replace(cfg, model=model_config_from_hf(model, local))
+    cfg = dataclasses.replace(cfg, model=model_config_from_hf(model, local))
+    validate(cfg, check_hardware=False, model_read=True)  # the checks that needed the real model section
+    return cfg

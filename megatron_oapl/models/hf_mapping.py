@@ -1,4 +1,4 @@
-"""The one Megatron <-> Hugging Face parameter mapping for the Llama family (Llama, Qwen2, Qwen3).
+"""The one Megatron <-> Hugging Face parameter mapping for the Llama family (Llama, Qwen2, Qwen3, Qwen3-MoE).
 
 Weight sync, HF export and HF import all go through `HFMapping`; nothing else knows both layouts.
 
@@ -13,6 +13,11 @@ Layouts that differ between the two worlds (and why):
 - Pipeline stages number their layers from 0; `layer_offset` turns them into global HF layer indices.
 - Transformer Engine fuses the pre-attention/pre-MLP norms into `linear_qkv`/`linear_fc1`
   (`layer_norm_weight`); the local spec keeps `input_layernorm`/`pre_mlp_layernorm`. Both are mapped.
+- Experts (Qwen3-MoE): the HF names are the hub's, one tensor per expert (`mlp.experts.E.gate_proj`, what
+  vLLM loads and transformers writes), never transformers' fused in-memory `experts.gate_up_proj`. Megatron
+  numbers an EP rank's experts from 0 (`local_experts.J` in the local spec, `weightJ` in TE's grouped
+  MLP): global expert E = EP rank x experts per rank + J, passed in as `expert_offset`. Each expert's
+  fc1/fc2 is TP-split like a dense MLP's (over the expert-TP group); the router is replicated.
 """
 
 from __future__ import annotations
@@ -53,6 +58,10 @@ _GLOBAL_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "output_layer.weight": ("vocab", ("lm_head.weight",)),
 }
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# One expert's fc1/fc2: SequentialMLP (local spec) `local_experts.J.linear_fc1.weight`, TEGroupedMLP `linear_fc1.weightJ`.
+_EXPERT_RE = re.compile(r"^mlp\.experts\.(?:local_experts\.(\d+)\.(linear_fc[12])\.weight|(linear_fc[12])\.weight(\d+))$")
+_EXPERT_RULES = {"linear_fc1": ("fc1", ("gate_proj.weight", "up_proj.weight")), "linear_fc2": ("row", ("down_proj.weight",))}
+_LAYER_RULES["mlp.router.weight"] = ("replicated", ("mlp.gate.weight",))
 # Megatron extra state (FP8 metadata) and DDP wrappers are not weights.
 _SKIP_SUFFIXES = ("._extra_state",)
 
@@ -72,6 +81,7 @@ class HFMapping:
     head_dim: int
     vocab_size: int  # the true (unpadded) vocabulary
     tie_word_embeddings: bool
+    num_experts: int = 0  # routed experts per layer (0: dense)
 
     @classmethod
     def from_model_config(cls, arch: Architecture, model_cfg) -> "HFMapping":
@@ -83,6 +93,7 @@ class HFMapping:
             head_dim=model_cfg.kv_channels or model_cfg.hidden_size // heads,
             vocab_size=model_cfg.vocab_size,
             tie_word_embeddings=model_cfg.tie_word_embeddings,
+            num_experts=model_cfg.num_experts,
         )
 
     @classmethod
@@ -94,10 +105,17 @@ class HFMapping:
 
     # ---- names ----------------------------------------------------------------------------------
 
-    def rule(self, mcore_name: str, layer_offset: int = 0) -> tuple[str, list[str]] | None:
+    @staticmethod
+    def is_expert(mcore_name: str) -> bool:
+        """An expert's weight: split over the expert-parallel (and expert-TP) group, not the dense groups."""
+        match = _LAYER_RE.match(strip_wrappers(mcore_name))
+        return match is not None and _EXPERT_RE.match(match.group(2)) is not None
+
+    def rule(self, mcore_name: str, layer_offset: int = 0, expert_offset: int = 0) -> tuple[str, list[str]] | None:
         """(kind, HF names) for a Megatron parameter, or None if it is not exported.
 
-        `output_layer.weight` of a tied model is a copy of the embedding and is not exported.
+        `output_layer.weight` of a tied model is a copy of the embedding and is not exported. An expert's
+        global index is `expert_offset` (this EP rank's first expert) plus its local index.
         """
         name = strip_wrappers(mcore_name)
         if name.endswith(_SKIP_SUFFIXES):
@@ -108,9 +126,15 @@ class HFMapping:
             kind, hf = _GLOBAL_RULES[name]
             return kind, list(hf)
         match = _LAYER_RE.match(name)
-        if match is None or match.group(2) not in _LAYER_RULES:
+        expert = _EXPERT_RE.match(match.group(2)) if match else None
+        if match is None or (expert is None and match.group(2) not in _LAYER_RULES):
             raise KeyError(f"no HF mapping for Megatron parameter {mcore_name!r}")
         layer = int(match.group(1)) + layer_offset
+        if expert is not None:
+            local, fc = (int(expert.group(1)), expert.group(2)) if expert.group(1) else (int(expert.group(4)),
+                                                                                       expert.group(3))
+            kind, hf = _EXPERT_RULES[fc]
+            return kind, [f"model.layers.{layer}.mlp.experts.{expert_offset + local}.{suffix}" for suffix in hf]
         kind, hf = _LAYER_RULES[match.group(2)]
         return kind, [f"model.layers.{layer}.{suffix}" for suffix in hf]
 
@@ -122,10 +146,10 @@ class HFMapping:
     # ---- Megatron -> HF ---------------------------------------------------------------------------
 
     def to_hf(
-        self, mcore_name: str, tp_shards: list[torch.Tensor], layer_offset: int = 0
+        self, mcore_name: str, tp_shards: list[torch.Tensor], layer_offset: int = 0, expert_offset: int = 0
     ) -> list[tuple[str, torch.Tensor]]:
         """Full HF tensors from the TP shards (in TP-rank order) of one Megatron parameter."""
-        rule = self.rule(mcore_name, layer_offset)
+        rule = self.rule(mcore_name, layer_offset, expert_offset)
         if rule is None:
             return []
         kind, hf_names = rule
@@ -162,12 +186,14 @@ class HFMapping:
         tp_size: int,
         layer_offset: int = 0,
         padded_vocab_size: int | None = None,
+        expert_offset: int = 0,
     ) -> torch.Tensor:
-        """This TP rank's shard of a Megatron parameter, built from full HF tensors."""
+        """This TP rank's shard of a Megatron parameter, built from full HF tensors (for an expert: its
+        expert-TP rank and size)."""
         name = strip_wrappers(mcore_name)
         if name == "output_layer.weight" and self.tie_word_embeddings:
             name = "embedding.word_embeddings.weight"  # the last stage's copy of the tied embedding
-        rule = self.rule(name, layer_offset)
+        rule = self.rule(name, layer_offset, expert_offset)
         if rule is None:
             raise KeyError(f"Megatron parameter {mcore_name!r} has no HF source")
         kind, hf_names = rule

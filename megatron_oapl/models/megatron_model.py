@@ -54,6 +54,34 @@ def recompute_kwargs(par) -> dict:
                       f"(allowed: {', '.join(CHOICES['parallel.recompute'])})")
 
 
+def moe_kwargs(model, par) -> dict:
+    """Megatron's MoE fields for a Qwen3-MoE policy (dense: only the dispatcher, which Megatron checks anyway).
+
+    Qwen3-MoE routes with a softmax over all experts, then top-k, renormalised when norm_topk_prob: the same
+    as Megatron's softmax over the top-k logits (pre_softmax=False); without renormalisation it is Megatron's
+    pre_softmax=True. Routing is dropless (no capacity factor), as in transformers and vLLM. The router runs
+    in fp32 whatever the parameter dtype, so bf16 rounding does not decide which expert a token goes to.
+    """
+    if not model.num_experts:
+        # Megatron's default (allgather) dispatcher refuses variable lengths.
+        return {"moe_token_dispatcher_type": "alltoall" if par.micro_batch_tokens > 0 else "allgather"}
+    aux = model.moe_aux_loss_coeff if model.moe_aux_loss_coeff is not None else 0.001
+    return {
+        "num_moe_experts": model.num_experts,
+        "moe_ffn_hidden_size": model.moe_ffn_hidden_size or model.ffn_hidden_size,
+        "moe_router_topk": model.moe_router_topk,
+        "moe_router_score_function": "softmax",
+        "moe_router_pre_softmax": not model.moe_norm_topk_prob,
+        "moe_router_dtype": "fp32",
+        "moe_router_load_balancing_type": "aux_loss" if aux > 0 else "none",
+        "moe_aux_loss_coeff": aux,
+        "moe_z_loss_coeff": model.moe_z_loss_coeff or None,
+        "moe_token_dispatcher_type": "alltoall",
+        "moe_grouped_gemm": use_transformer_engine(),
+        "expert_model_parallel_size": par.expert_model_parallel_size,
+    }
+
+
 def padded_vocab_size(model_cfg, tp_size: int) -> int:
     """Megatron splits the vocabulary over TP ranks, so it pads it to a multiple of (multiple * TP)."""
     multiple = max(1, model_cfg.make_vocab_size_divisible_by) * tp_size
@@ -104,8 +132,7 @@ def build_transformer_config(cfg):
         calculate_per_token_loss=True,
         # Token-budget micro-batches differ in shape: pipeline stages exchange each shape first.
         variable_seq_lengths=par.micro_batch_tokens > 0,
-        # Dense models have no experts; Megatron's default (allgather) dispatcher refuses variable lengths.
-        moe_token_dispatcher_type="alltoall" if par.micro_batch_tokens > 0 else "allgather",
+        **moe_kwargs(model, par),
         # Fused kernels exist only on GPU (apex / TE / jit CUDA).
         bias_activation_fusion=on_gpu,
         # The fused kernel is TE's, or apex's under the local spec (not installed without TE: it would raise).
@@ -159,9 +186,11 @@ def build_layer_spec(cfg):
     from megatron.core.models.gpt import gpt_layer_specs
 
     arch = get_architecture(cfg.model.preset)
+    experts = dict(num_experts=cfg.model.num_experts or None, moe_grouped_gemm=use_transformer_engine())
     if use_transformer_engine():
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm, **experts)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm",
+                                                    **experts)
     return _with_sequence_parallel_norms(spec) if cfg.parallel.sequence_parallel else spec
 
 

@@ -1,8 +1,8 @@
-"""Architecture presets: what distinguishes Llama, Qwen2 and Qwen3 inside one decoder family.
+"""Architecture presets: what distinguishes Llama, Qwen2, Qwen3 and Qwen3-MoE inside one decoder family.
 
-All three are pre-norm decoders with RMSNorm, SwiGLU MLPs, rotary embeddings (half-rotation, not
-interleaved) and grouped-query attention; they differ only in a few switches, so one preset table and one
-HF mapping (`hf_mapping.py`) serve all three.
+All are pre-norm decoders with RMSNorm, SwiGLU MLPs, rotary embeddings (half-rotation, not interleaved) and
+grouped-query attention; they differ only in a few switches (Qwen3-MoE: every layer's MLP is a set of routed
+SwiGLU experts), so one preset table and one HF mapping (`hf_mapping.py`) serve all of them.
 """
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ class Architecture:
     hf_architecture: str  # config.json "architectures"[0]
     qkv_bias: bool  # Qwen2 has biases on q/k/v projections only
     qk_layernorm: bool  # Qwen3 RMS-normalises each head of q and k before RoPE
+    moe: bool = False  # every layer's MLP is routed experts (model.num_experts of them)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("llama", "llama", "LlamaForCausalLM", qkv_bias=False, qk_layernorm=False),
     "qwen2": Architecture("qwen2", "qwen2", "Qwen2ForCausalLM", qkv_bias=True, qk_layernorm=False),
     "qwen3": Architecture("qwen3", "qwen3", "Qwen3ForCausalLM", qkv_bias=False, qk_layernorm=True),
+    "qwen3_moe": Architecture("qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", qkv_bias=False, qk_layernorm=True,
+                              moe=True),
 }
 
 

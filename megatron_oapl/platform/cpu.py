@@ -19,6 +19,9 @@ What is patched, and why:
   and `torch.autograd.grad` are overridable functions that reach the engine through that handler: the
   engine would capture an empty mode stack, and `autograd.Function.backward` code (Megatron's
   `_gather_along_first_dim` under sequence parallelism, activation recompute) would allocate on CUDA.
+- MoE (two upstream assumptions of a GPU with TE): the router's gating tests a `te_general_gemm` name that
+  exists only with Transformer Engine, and the alltoall dispatcher hands gloo tensor split sizes (it turns
+  only CUDA tensors into host sizes).
 """
 
 from __future__ import annotations
@@ -189,6 +192,24 @@ def _patch_megatron_rng() -> None:
     mcore_random._set_cuda_rng_state = _cpu_set_rng_state
 
 
+def _cpu_move_to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """Megatron's `maybe_move_tensor_to_cpu` converts only CUDA tensors, so on CPU the alltoall split sizes
+    stay tensors, which gloo's all_to_all_single refuses; it needs plain sizes as on a GPU machine."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
+def _patch_megatron_moe() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    # moe_utils imports te_general_gemm inside a try, but tests `te_general_gemm is not None` outside it:
+    # without Transformer Engine the name is missing and the router's gating raises NameError.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    token_dispatcher.maybe_move_tensor_to_cpu = _cpu_move_to_host
+
+
 def install() -> None:
     """Install the CPU layer in this process (idempotent)."""
     global _INSTALLED, _MODE
@@ -198,6 +219,7 @@ def install() -> None:
         raise RuntimeError("the CPU compatibility layer must not be installed on a CUDA machine")
     _patch_torch_cuda()
     _patch_megatron_rng()
+    _patch_megatron_moe()
     _MODE = CudaOnCpu()
     _patch_autograd_engine(_MODE)
     _MODE.__enter__()

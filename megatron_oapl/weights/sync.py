@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from megatron_oapl.models.hf_mapping import HFMapping
-from megatron_oapl.weights.reshard import iter_hf_tensors
+from megatron_oapl.weights.reshard import gather_role, iter_hf_tensors
 from megatron_oapl.weights.transport import Rendezvous, SyncStats, WeightGroup, send_weights
 
 
@@ -17,7 +17,8 @@ def is_stage_sender(ctx) -> bool:
 
 class WeightPusher:
     """Pushes of one learner rank. `push` is collective over the stage's TP group (DP rank 0 only; other
-    data-parallel replicas return at once): every TP rank takes part in the gathers, and all of them are
+    data-parallel replicas return at once, but for the expert-parallel peers of DP rank 0, which take part
+    in the expert gathers): every TP rank takes part in the gathers, and all of them are
     done before the sender opens the group, so a push that fails (an engine died) never leaves a TP peer
     waiting in a gather. The sender keeps the host copy it sent (memory: one copy of the stage's weights),
     so engines restarted later are brought to the same version by `resend` while the learner moves on.
@@ -35,11 +36,12 @@ class WeightPusher:
 
     def push(self, model_chunks: list, rdv: Rendezvous, version: int, check_peers=None) -> SyncStats | None:
         """The current weights as `version`; `rdv` is this rank's stage's group."""
-        if self.ctx.dp_rank != 0:
+        role = gather_role(self.ctx)
+        if role is None:
             return None
         stats, start = SyncStats(), time.perf_counter()
-        if not is_stage_sender(self.ctx):  # takes part in the TP gathers; only the sender keeps a host copy
-            for _ in iter_hf_tensors(model_chunks, self.mapping):
+        if not is_stage_sender(self.ctx):  # takes part in the gathers; only the sender keeps a host copy
+            for _ in iter_hf_tensors(model_chunks, self.mapping, experts_only=role == "experts"):
                 pass
             return None
         self.last = [(name, t.detach().to("cpu", copy=True)) for name, t in iter_hf_tensors(model_chunks, self.mapping)]

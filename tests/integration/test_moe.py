@@ -1,0 +1,83 @@
+"""Mixture-of-experts policies (Qwen3-MoE) with expert parallelism, against transformers.
+
+One tiny random Qwen3-MoE (4 experts, top-2, tests/support/tiny_moe.py) goes HF -> Megatron checkpoint with
+EP=2 (`oapl convert hf-to-megatron --ep 2`, two ranks each holding two experts) -> Megatron forward at EP=2
+-> HF again, both through a live EP=2 export (the training run's path, experts gathered over the EP group)
+and `oapl convert megatron-to-hf`. Then the learner trains it at EP=2, checkpoints, and resumes at EP=1.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_oapl.checkpoint import convert
+from megatron_oapl.config import to_dict
+from tests.support.checkpoint_workers import checkpoint_script
+from tests.support.distributed import run_ranks
+from tests.support.hf_reference import hf_logits
+from tests.support.moe_workers import load_score_export
+from tests.support.oapl_case import run_config
+from tests.support.tiny_moe import make_tiny_moe
+
+TOKENS = [[3, 17, 5, 36, 0, 22, 9, 14, 30, 1, 8, 25]]
+
+
+def _hf_tensors(directory) -> dict[str, torch.Tensor]:
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for file in set(index["weight_map"].values()):
+        tensors.update(load_file(directory / file))
+    return tensors
+
+
+def moe_config(hf_dir, ep: int) -> dict:
+    """The shared tiny case's training settings on the tiny MoE, at EP = `ep` (DP = 2)."""
+    cfg = to_dict(convert.import_config(hf_dir, 1, 1, ep=ep))
+    case = run_config()
+    for section in ("optim", "algo", "fleet"):
+        cfg[section].update(case[section])
+    cfg["seed"], cfg["model"]["max_seq_length"] = case["seed"], 16
+    cfg["precision"]["params_dtype"] = "fp32"
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    hf = make_tiny_moe(root / "hf")
+    ckpt = root / "ckpt-ep2"
+    assert convert.main(["hf-to-megatron", "--hf", str(hf), "--out", str(ckpt), "--ep", "2"]) == 0
+    run_ranks(2, load_score_export, moe_config(hf, 2), str(ckpt), TOKENS, str(root))
+    return {"hf": hf, "ckpt": ckpt, "root": root, "logits": torch.load(root / "logits.pt")}
+
+
+def test_the_checkpoint_records_the_expert_layout(converted):
+    cfg_text = (converted["ckpt"] / "config.yaml").read_text()
+    assert "expert_model_parallel_size: 2" in cfg_text and "num_experts: 4" in cfg_text
+
+
+def test_megatron_forward_at_ep2_equals_transformers(converted):
+    reference = hf_logits(converted["hf"], TOKENS)
+    torch.testing.assert_close(converted["logits"], reference, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("export", ["live", "back"])
+def test_hf_to_megatron_ep2_to_hf_is_exact(converted, export):
+    original = load_file(converted["hf"] / "model.safetensors")
+    back = _hf_tensors(converted["root"] / export)
+    assert set(back) == set(original)  # the hub's per-expert names, every expert once
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in back
+    for name, tensor in original.items():
+        assert torch.equal(back[name], tensor), name
+
+
+def test_exported_moe_directory_gives_transformers_logits(converted):
+    out = converted["root"] / "back"
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen3_moe" and config["norm_topk_prob"] is True
+    diff = (hf_logits(out, TOKENS) - hf_logits(converted["hf"], TOKENS)).abs().max().item()
+    assert diff < 1e-5, diff
