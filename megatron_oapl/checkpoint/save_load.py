@@ -114,11 +114,14 @@ def _layout(ctx) -> dict:
 
 
 def _optimizer_kind(optimizer) -> str:
-    """'distributed' or 'plain': the two families whose sharded formats differ."""
+    """'distributed' or 'plain' (the two families whose sharded formats differ), '+experts' when the expert
+    parameters have their own part: Megatron splits them off only with EP > 1 (or expert-TP != TP), and the
+    saved state is keyed per part, so EP 1 <-> EP > 1 cannot reshard it."""
     from megatron.core.optimizer import DistributedOptimizer
 
     inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in inner) else "plain"
+    kind = "distributed" if any(isinstance(o, DistributedOptimizer) for o in inner) else "plain"
+    return kind + "+experts" if len(inner) > 1 else kind
 
 
 def _optimizer_has_state(optimizer) -> bool:
@@ -275,8 +278,8 @@ def load_checkpoint(ckpt_dir: str | Path, policy, ctx) -> dict:
         if this_rank() == 0:
             log.warning(
                 "checkpoint %s has %s-optimizer state but this run uses the %s optimizer "
-                "(parallel.use_distributed_optimizer changed): the optimizer state is not restored and "
-                "the Adam moments restart from zero", ckpt, meta.get("optimizer_kind"), _optimizer_kind(optimizer))
+                "(parallel.use_distributed_optimizer changed, or parallel.expert_model_parallel_size between 1 "
+                "and more): the optimizer state is not restored and the Adam moments restart from zero", ckpt, meta.get("optimizer_kind"), _optimizer_kind(optimizer))
         load_optimizer = False
 
     with distributed_optimizer_load_fixes(optimizer) if load_optimizer else contextlib.nullcontext():

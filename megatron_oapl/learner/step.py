@@ -387,6 +387,25 @@ def _reduce_records(records: list[dict], ctx) -> dict[str, float]:
     return result
 
 
+def _grad_norm_and_clip(optimizer, clip: float):
+    """The global gradient norm, after clipping every gradient by it to at most `clip` (0: no clipping).
+
+    An MoE policy's optimizer is Megatron's ChainedOptimizer of two parts (dense parameters, reduced over DP;
+    expert parameters, reduced over expert-DP), which has no `clip_grad_norm`: the norm is taken over both
+    parts and each part is clipped by that one total, as Megatron's own `ChainedOptimizer.step` does."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(parts) == 1:
+        return optimizer.clip_grad_norm(clip) if clip > 0 else optimizer.get_grad_norm()
+    grad_norm = optimizer.get_grad_norm()
+    for part in parts if clip > 0 else ():
+        params = part.get_parameters()
+        if params:
+            clip_grad_by_total_norm_fp32(params, clip, grad_norm, part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return grad_norm
+
+
 def train_step(policy, batch: TrainBatch, cfg, ctx, step: int = 0) -> StepResult:
     """One optimizer step on a global batch (every rank passes the same batch)."""
     for chunk in policy.model:
@@ -402,8 +421,7 @@ def train_step(policy, batch: TrainBatch, cfg, ctx, step: int = 0) -> StepResult
     optimizer = policy.optimizer
     found_inf = optimizer.prepare_grads()
     clip = cfg.optim.clip_grad
-    grad_norm = optimizer.clip_grad_norm(clip) if clip > 0 else optimizer.get_grad_norm()
-    grad_norm = float(grad_norm)
+    grad_norm = float(_grad_norm_and_clip(optimizer, clip))
     # The loss is identical on all ranks (broadcast above) and the grad norm is all-reduced over the
     # model-parallel group, so every rank takes the same decision.
     skipped = bool(found_inf) or not (math.isfinite(loss) and math.isfinite(grad_norm))

@@ -81,3 +81,44 @@ def test_exported_moe_directory_gives_transformers_logits(converted):
     assert config["model_type"] == "qwen3_moe" and config["norm_topk_prob"] is True
     diff = (hf_logits(out, TOKENS) - hf_logits(converted["hf"], TOKENS)).abs().max().item()
     assert diff < 1e-5, diff
+
+
+# --------------------------------------------------------------------------------------------------
+# Training at EP=2: checkpoint, resume at EP=2 (bit-exact) and at EP=1 (the experts resharded)
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lives(setup, converted):
+    root = converted["root"]
+    torch.save(load_file(converted["hf"] / "model.safetensors"), root / "ref.pt")
+    ep2, ep1 = moe_config(converted["hf"], 2), moe_config(converted["hf"], 1)
+    saved = str(root / "run")
+    resume = [{"op": "load_latest", "run_dir": saved}, {"op": "train", "tag": "resumed", "first": 3, "last": 3}]
+    phases = [{"name": "A", "cfg": ep2, "actions": [
+                   {"op": "train", "tag": "straight", "first": 1, "last": 3, "save_dir": saved, "save_at": [2]}]},
+              {"name": "B", "cfg": ep2, "actions": resume},
+              {"name": "C", "cfg": ep1, "actions": resume}]
+    run_ranks(2, checkpoint_script, str(root / "ref.pt"), str(setup[0] / "batch.pt"), str(root), phases)
+    return {**{name: torch.load(root / f"{name}.rank0.pt") for name in "ABC"}, "start": torch.load(root / "ref.pt")}
+
+
+def test_moe_training_resumes_bit_exact_at_ep2(lives):
+    straight, resumed = lives["A"]["train"]["straight"], lives["B"]["train"]["resumed"]
+    assert lives["B"]["loads"][0]["state"]["step"] == 2 and not lives["B"]["warnings"]
+    assert resumed["losses"][3] == straight["losses"][3]
+    assert set(resumed["weights"]) == set(straight["weights"])
+    for key, weight in straight["weights"].items():
+        assert torch.equal(resumed["weights"][key], weight), key
+    # Not vacuous: the router and experts of both EP ranks (expert 0 on rank 0, 3 on rank 1) moved.
+    for key in ("model.layers.0.mlp.experts.0.gate_proj.weight", "model.layers.1.mlp.experts.3.down_proj.weight",
+                "model.layers.1.mlp.gate.weight"):
+        assert (straight["weights"][key] - lives["start"][key]).abs().max() > 1e-4, key
+
+
+def test_an_ep2_checkpoint_resumes_at_ep1_with_the_experts_resharded(lives):
+    """The weights reshard (the step-3 loss is a function of the step-2 weights only); the optimizer state
+    does not (Megatron keeps expert state in a separate part only with EP > 1), and the log says so."""
+    straight, resumed = lives["A"]["train"]["straight"], lives["C"]["train"]["resumed"]
+    assert resumed["losses"][3] == pytest.approx(straight["losses"][3], rel=1e-6)
+    assert any("optimizer state is not restored" in w and "expert_model_parallel_size" in w
+               for w in lives["C"]["warnings"])
