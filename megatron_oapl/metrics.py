@@ -54,6 +54,12 @@ MICRO_BATCHES = "perf/micro_batches_per_step"  # per data-parallel rank (all ran
 PADDING_FRACTION = "perf/padding_frac"  # of the tokens the learner step computed, the share that is padding
 IDLE_FRACTION = "perf/learner_idle_frac"  # run so far: time waiting on the fleet / time in steps
 
+# Mixture of experts (written only for MoE policies): tokens routed to one expert of one layer in the step's
+# training forward passes, over all learner ranks (each token counts once per expert it is routed to).
+EXPERT_TOKENS_MIN = "moe/expert_tokens_min"  # the least-loaded (layer, expert)
+EXPERT_TOKENS_MAX = "moe/expert_tokens_max"  # the most-loaded (layer, expert)
+EXPERT_LOAD_IMBALANCE = "moe/expert_load_max_over_mean"  # 1 = perfectly balanced
+
 # Evaluation: the data section's held-out prompts (no eval.sets) keep the names without a set.
 PASS_AT_K = "eval/pass@{k}"
 AVG_AT_K = "eval/avg@{k}"  # mean reward of the k = eval.num_samples samples per prompt

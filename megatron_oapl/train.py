@@ -155,6 +155,7 @@ class Coordinator:
         values = rollout_metrics(groups, version, self.cfg)
         values.update({M.LOSS_PREFIX + k: v for k, v in result.metrics.items()})
         values.update(result.layout)  # micro-batches per step, padding fraction
+        values.update(result.expert_load)  # tokens per expert (MoE policies)
         self.busy_seconds += seconds
         values.update({
             M.LOSS: result.loss, M.GRAD_NORM: result.grad_norm, M.LR: result.lr, M.SKIPPED_STEPS: guard.total,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_oapl.learner.expert_load import ExpertLoad
 from megatron_oapl.models.megatron_model import build_gpt_model, build_transformer_config, params_dtype
 
 
@@ -18,6 +19,7 @@ class Policy:
     optimizer: object  # megatron.core.optimizer.MegatronOptimizer
     scheduler: object  # megatron.core.optimizer_param_scheduler.OptimizerParamScheduler
     config: object  # megatron TransformerConfig
+    expert_load: object = None  # learner.expert_load.ExpertLoad of an MoE policy
 
 
 def build_model(cfg, ctx) -> tuple[list, object]:
@@ -89,4 +91,5 @@ def build_policy(cfg, ctx) -> Policy:
     optimizer, scheduler = build_optimizer(cfg, model)
     # fp16 loss scaling goes through the schedule's grad_scale_func.
     tconfig.grad_scale_func = optimizer.scale_loss
-    return Policy(model=model, optimizer=optimizer, scheduler=scheduler, config=tconfig)
+    expert_load = ExpertLoad(model, cfg.parallel.sequence_parallel) if cfg.model.num_experts else None
+    return Policy(model=model, optimizer=optimizer, scheduler=scheduler, config=tconfig, expert_load=expert_load)

@@ -56,6 +56,7 @@ class StepResult:
     num_tokens: int
     metrics: dict[str, float] = field(default_factory=dict)
     layout: dict[str, float] = field(default_factory=dict)  # metric name -> value (micro-batches, padding)
+    expert_load: dict[str, float] = field(default_factory=dict)  # metric name -> value (MoE policies only)
 
 
 @dataclass
@@ -417,6 +418,7 @@ def train_step(policy, batch: TrainBatch, cfg, ctx, step: int = 0) -> StepResult
     if cfg.parallel.micro_batch_tokens > 0:
         metrics.update(_reward_metrics(spec, batch))
     loss = metrics.pop("loss")
+    expert_load = policy.expert_load.take() if policy.expert_load is not None else {}
 
     optimizer = policy.optimizer
     found_inf = optimizer.prepare_grads()
@@ -436,6 +438,7 @@ def train_step(policy, batch: TrainBatch, cfg, ctx, step: int = 0) -> StepResult
         num_tokens=int(batch.tokens.numel()),
         metrics=metrics,
         layout=layout_metrics,
+        expert_load=expert_load,
     )
 
 

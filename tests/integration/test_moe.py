@@ -52,7 +52,7 @@ def converted(tmp_path_factory):
     ckpt = root / "ckpt-ep2"
     assert convert.main(["hf-to-megatron", "--hf", str(hf), "--out", str(ckpt), "--ep", "2"]) == 0
     run_ranks(2, load_score_export, moe_config(hf, 2), str(ckpt), TOKENS, str(root))
-    return {"hf": hf, "ckpt": ckpt, "root": root, "logits": torch.load(root / "logits.pt")}
+    return {"hf": hf, "ckpt": ckpt, "root": root, **torch.load(root / "logits.pt")}
 
 
 def test_the_checkpoint_records_the_expert_layout(converted):
@@ -63,6 +63,23 @@ def test_the_checkpoint_records_the_expert_layout(converted):
 def test_megatron_forward_at_ep2_equals_transformers(converted):
     reference = hf_logits(converted["hf"], TOKENS)
     torch.testing.assert_close(converted["logits"], reference, rtol=0, atol=1e-4)
+
+
+def test_expert_load_counts_the_tokens_transformers_routes(converted):
+    import transformers
+
+    from megatron_oapl import metrics as M
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(converted["hf"], dtype=torch.float32)
+    with torch.no_grad():
+        routers = model(torch.tensor(TOKENS), output_router_logits=True).router_logits  # per layer [tokens, E]
+    top2 = [logits.topk(2, dim=-1).indices.flatten() for logits in routers]
+    counts = torch.stack([torch.bincount(chosen, minlength=4) for chosen in top2]).double() * 2  # two DP ranks
+    load = converted["load"]
+    assert counts.min() < counts.max()  # the check can tell min from max
+    assert load[M.EXPERT_TOKENS_MIN] == counts.min().item() and load[M.EXPERT_TOKENS_MAX] == counts.max().item()
+    assert load[M.EXPERT_LOAD_IMBALANCE] == pytest.approx(counts.max().item() / counts.mean().item())
+    assert converted["load_without_grad"][M.EXPERT_TOKENS_MAX] == 0
 
 
 @pytest.mark.parametrize("export", ["live", "back"])

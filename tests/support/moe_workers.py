@@ -25,7 +25,8 @@ def _fresh_layout(cfg):
 
 def load_score_export(cfg_dict: dict, ckpt: str, tokens: list[list[int]], out_dir: str) -> None:
     """On a 2-rank world: load checkpoint `ckpt` into a policy of `cfg_dict`'s layout (EP=2: each rank
-    holds half the experts), save its fp32 logits of `tokens` (`logits.pt`, rank 0), export the live
+    holds half the experts), save its fp32 logits of `tokens` and the expert load of a forward without and
+with gradients on every rank (`logits.pt`, rank 0), export the live
     model through the training run's export path (`live/`: experts gathered over the EP group), then export
     the checkpoint through `oapl convert megatron-to-hf`'s rank-side path on an EP=1 layout (`back/`)."""
     try:
@@ -37,10 +38,15 @@ def load_score_export(cfg_dict: dict, ckpt: str, tokens: list[list[int]], out_di
         positions = torch.arange(tokens_t.shape[1]).unsqueeze(0).expand_as(tokens_t)
         with torch.no_grad():
             logits = policy.model[0](tokens_t, positions, None)[..., : cfg.model.vocab_size].float()
+            load_without_grad = policy.expert_load.take()  # log-prob passes do not count
+        policy.model[0](tokens_t, positions, None).sum().backward()  # a training pass: counts once per rank
+        load = policy.expert_load.take()
+        with torch.no_grad():
             export_hf_model(policy.model, HFMapping.for_config(cfg.model), ctx, None, Path(out_dir) / "live",
                             dtype=torch.float32)
         if ctx.rank == 0:
-            torch.save(logits, Path(out_dir) / "logits.pt")
+            torch.save({"logits": logits, "load": load, "load_without_grad": load_without_grad},
+                       Path(out_dir) / "logits.pt")
         back_cfg = export_config(ckpt)
         export_hf_rank(back_cfg, _fresh_layout(back_cfg), ckpt, Path(out_dir) / "back", torch.float32)
     finally:
