@@ -28,8 +28,19 @@ heads, g KV heads, d head dim, V the padded vocabulary; see docs/cluster.md, "Me
 - Micro-batch tokens: micro_batch_tokens when > 0 (a sequence longer than the budget forms its own
   micro-batch, so at least the padded max_seq_length), else micro_batch_groups x group_size x the padded
   max_seq_length (micro_batch_groups null: the whole per-DP-rank batch). Padding: to lcm(TP, 16).
-- Engine GPU (vLLM): weights (bf16) / engine TP; KV bytes per token = 2 (K, V) x layers x KV heads per GPU
-  x head dim x 2 (bf16); the KV pool is what vllm_gpu_memory_utilization leaves after the weights and
+- Mixture of experts (model.num_experts > 0, every layer; EP = expert_model_parallel_size, k = top-k, f_e
+  the expert width, E experts): attention and the embeddings are split over TP as above; the experts over
+  EP x TP (expert-TP = TP); the router (h x E) and the norms are whole on every GPU. The distributed
+  optimizer shards the dense state over DP and the expert state over DP / EP (the expert-data-parallel
+  group). Activations of an MoE layer replace the SwiGLU term: every token is dispatched to k experts, and
+  with TP > 1 (sequence parallelism is then required) each TP rank's experts see the tokens of the whole TP
+  group, so e * k * (h + 3 f_e / t): the gathered expert input and the fused SwiGLU's input and output per
+  routed copy, plus 9E / t_sp for the router (fp32 logits, the fp32 softmax of the aux loss, the routing
+  map). Routing is assumed balanced (a rank whose experts get more tokens holds more). One layer at a time
+  also holds the dispatch buffers: the permuted tokens and the all-to-all's output (e k h / t each), the
+  expert output before the TP reduce-scatter (e k h) and its fp32 copy that Megatron reduces (4 k h, TP > 1).
+- Engine GPU (vLLM): weights (bf16, every expert) / engine TP; KV bytes per token = 2 (K, V) x layers x KV
+  heads per GPU x head dim x 2 (bf16); the KV pool is what vllm_gpu_memory_utilization leaves after the weights and
   vLLM's own activations and CUDA graphs; a push needs 2 buckets (received + staged) outside vLLM's share.
 """
 
@@ -38,14 +49,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from megatron_oapl.models.presets import ARCHITECTURES  # plain data: no torch, no Megatron
+
 GB = 1e9
 LEARNER_RESERVE_GB = 2.5  # CUDA context, NCCL communicators, cuBLAS/TE workspaces
 FRAGMENTATION = 0.10  # of the GPU: the caching allocator with micro-batches of varying shapes
 ENGINE_INTERNAL_GB = 3.0  # inside vLLM's share besides weights and KV: profile-run activations, CUDA graphs
 PUSH_RESERVE_GB = 1.0  # outside vLLM's share besides the push buckets: the weight group's NCCL buffers
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-_QK_NORM_PRESETS = ("qwen3",)  # presets that RMS-normalise q and k per head (models/presets.py)
-_QKV_BIAS_PRESETS = ("qwen2",)
 
 
 class PlanError(ValueError):
@@ -65,6 +76,9 @@ class ModelDims:
     tied: bool
     qk_norm: bool
     qkv_bias: bool
+    experts: int = 0  # routed experts per layer; 0 = a dense SwiGLU MLP
+    expert_ffn: int = 0  # one expert's intermediate width
+    topk: int = 0  # experts each token is routed to
 
     @classmethod
     def of(cls, model) -> "ModelDims":
@@ -73,8 +87,10 @@ class ModelDims:
                    heads=model.num_attention_heads, kv_heads=model.num_query_groups or model.num_attention_heads,
                    head_dim=model.kv_channels or model.hidden_size // model.num_attention_heads,
                    vocab=model.vocab_size, vocab_multiple=max(1, model.make_vocab_size_divisible_by),
-                   tied=model.tie_word_embeddings, qk_norm=model.preset in _QK_NORM_PRESETS,
-                   qkv_bias=model.preset in _QKV_BIAS_PRESETS)
+                   tied=model.tie_word_embeddings, qk_norm=ARCHITECTURES[model.preset].qk_layernorm,
+                   qkv_bias=ARCHITECTURES[model.preset].qkv_bias, experts=model.num_experts,
+                   expert_ffn=(model.moe_ffn_hidden_size or model.ffn_hidden_size) if model.num_experts else 0,
+                   topk=model.moe_router_topk if model.num_experts else 0)
 
     def padded_vocab(self, tp: int) -> int:
         """Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by x TP."""
@@ -82,29 +98,43 @@ class ModelDims:
         return -(-self.vocab // multiple) * multiple
 
     def layer_matrix_params(self) -> int:
-        """Parameters of one layer that TP splits: QKV (+ its bias), attention output, SwiGLU MLP."""
+        """Parameters of one layer that TP alone splits: QKV (+ its bias), attention output, and the SwiGLU
+        MLP of a dense model (an MoE layer's experts are `layer_expert_params`)."""
         qkv = (self.heads + 2 * self.kv_heads) * self.head_dim
-        return self.hidden * qkv + (qkv if self.qkv_bias else 0) + self.heads * self.head_dim * self.hidden \
-            + 3 * self.hidden * self.ffn
+        mlp = 0 if self.experts else 3 * self.hidden * self.ffn
+        return self.hidden * qkv + (qkv if self.qkv_bias else 0) + self.heads * self.head_dim * self.hidden + mlp
 
     def layer_norm_params(self) -> int:
-        """Parameters of one layer every TP rank holds whole: the two RMSNorms (and Qwen3's q/k norms)."""
-        return 2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
+        """Parameters of one layer every GPU holds whole: the two RMSNorms (and Qwen3's q/k norms), and an
+        MoE layer's router (hidden x experts)."""
+        return 2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0) + self.hidden * self.experts
+
+    def layer_expert_params(self) -> int:
+        """Parameters of one MoE layer's routed experts (SwiGLU each), which EP x TP split; 0 when dense."""
+        return self.experts * 3 * self.hidden * self.expert_ffn
 
     def total_params(self) -> int:
-        """Parameters of the HF model (unpadded vocabulary; a tied output layer counted once)."""
+        """Parameters of the HF model (unpadded vocabulary; a tied output layer counted once; every expert)."""
         embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
-        return self.layers * (self.layer_matrix_params() + self.layer_norm_params()) + embeddings + self.hidden
+        per_layer = self.layer_matrix_params() + self.layer_norm_params() + self.layer_expert_params()
+        return self.layers * per_layer + embeddings + self.hidden
 
 
-def stage_params(dims: ModelDims, tp: int, pp: int) -> int:
-    """Parameters on one learner GPU of the pipeline stage with the most (the embedding on the first stage,
-    the output layer and final norm on the last; with PP > 1 a tied output layer is a copy there)."""
+def stage_params(dims: ModelDims, tp: int, pp: int, ep: int = 1) -> int:
+    """Parameters on one learner GPU of the pipeline stage with the most."""
+    return sum(stage_param_split(dims, tp, pp, ep))
+
+
+def stage_param_split(dims: ModelDims, tp: int, pp: int, ep: int = 1) -> tuple[int, int]:
+    """(dense, expert) parameters on one learner GPU of the pipeline stage with the most (the embedding on
+    the first stage, the output layer and final norm on the last; with PP > 1 a tied output layer is a copy
+    there). Dense ones are split over TP (norms and router whole), expert ones over EP x TP."""
     layers = dims.layers // pp * (dims.layer_matrix_params() // tp + dims.layer_norm_params())
+    experts = dims.layers // pp * (dims.layer_expert_params() // (ep * tp))
     table = dims.padded_vocab(tp) // tp * dims.hidden
     first = layers + table
     last = layers + dims.hidden + (table if (not dims.tied or pp > 1) else 0)
-    return first + last - layers if pp == 1 else max(first, last)
+    return (first + last - layers if pp == 1 else max(first, last)), experts
 
 
 def pad_multiple(tp: int) -> int:
@@ -121,15 +151,35 @@ def layer_bytes_per_token(dims: ModelDims, e: int, tp: int, sp: bool, row: int, 
     """Bytes one layer keeps for backward per token (the module docstring's formula); `row` is the length
     of the token's row (unfused attention keeps a row x row softmax per head); `kernels` is te (GPU) or
     local (Megatron's local spec, CPU)."""
-    a, g, d, h, f = dims.heads, dims.kv_heads, dims.head_dim, dims.hidden, dims.ffn
+    a, g, d, h = dims.heads, dims.kv_heads, dims.head_dim, dims.hidden
     te = kernels == "te"
     norms = 2 * (2 if te else 3) * h  # TE: input + normalised output; torch's composite RMSNorm also x * rstd
     # The QKV output (v is a view of it, so all of it stays), q and k after RoPE, the core-attention output.
     attention = (a + 2 * g) * d + a * d + g * d + a * d + (0 if te else (a + g) * d if dims.qk_norm else 0)
-    swiglu = (3 if te else 5) * f  # fused: its input (2f) and output (f); composite: also silu(x1), x1 * x2
     rope = 4 * d  # cos and sin for q and for k, per position, whole on every TP rank
-    return (e * (norms / (tp if sp else 1) + (attention + swiglu) / tp + rope)
+    return (e * (norms / (tp if sp else 1) + attention / tp + rope) + mlp_bytes_per_token(dims, e, tp, sp, kernels)
             + core_attention_bytes(dims, e, tp, row, kernels))
+
+
+def mlp_bytes_per_token(dims: ModelDims, e: int, tp: int, sp: bool, kernels: str) -> float:
+    """Per token: a dense layer's SwiGLU (fused: its input 2f and output f; composite: also silu(x1) and
+    x1 * x2), or an MoE layer's k routed copies (each expert's input, whole h: the TP group's tokens are
+    gathered to every TP rank, and its SwiGLU; the composite one also keeps the product before the routing
+    weight scales it) plus the router's 9E / t_sp (fp32 logits, the aux loss's fp32 softmax, the routing map)."""
+    te = kernels == "te"
+    if not dims.experts:
+        return e * (3 if te else 5) * dims.ffn / tp
+    swiglu = (3 if te else 6) * dims.expert_ffn / tp
+    return e * dims.topk * (dims.hidden + swiglu) + 9 * dims.experts / (tp if sp else 1)
+
+
+def moe_dispatch_bytes(dims: ModelDims, e: int, tp: int, tokens: int) -> float:
+    """The dispatch buffers of the one MoE layer running (forward, recompute or backward): the permuted tokens
+    and the all-to-all's output (k h / t each), the expert output before the TP reduce-scatter (k h), and
+    with TP > 1 the fp32 copy of it that Megatron reduces (4 k h)."""
+    if not dims.experts:
+        return 0.0
+    return tokens * dims.topk * dims.hidden * (2 * e / tp + e + (4 if tp > 1 else 0))
 
 
 def core_attention_bytes(dims: ModelDims, e: int, tp: int, row: int, kernels: str) -> float:
@@ -158,9 +208,12 @@ class LearnerPlan:
     activations: dict  # recompute mode -> bytes
     recompute: str
     logprob: float
+    dispatch: float  # MoE dispatch buffers of one layer (0 when dense)
     lag_copy: float  # the frozen weights that recompute logp_lag (algo.logp_lag_source=recompute)
     reserve: float
     usable: float
+    ep: int = 1
+    expert_params: int = 0  # of `params`: sharded over DP / EP by the distributed optimizer
 
     @property
     def static(self) -> float:
@@ -168,7 +221,7 @@ class LearnerPlan:
 
     @property
     def total(self) -> float:
-        return self.static + self.activations[self.recompute] + self.logprob + self.reserve
+        return self.static + self.activations[self.recompute] + self.logprob + self.dispatch + self.reserve
 
     @property
     def fits(self) -> bool:
@@ -205,10 +258,13 @@ def activation_bytes(cfg, dims: ModelDims, tokens: int, row: int, recompute: str
 
 def plan_learner(cfg, dp: int, gpu_bytes: float, kernels: str = "te") -> LearnerPlan:
     par, dims = cfg.parallel, ModelDims.of(cfg.model)
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    params = stage_params(dims, tp, pp)
+    tp, pp, ep = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.expert_model_parallel_size
+    dense, experts = stage_param_split(dims, tp, pp, ep)
+    params = dense + experts
     w = _DTYPE_BYTES[cfg.precision.params_dtype]
-    adam = (8 if w == 4 else 12) * params / (dp if par.use_distributed_optimizer else 1)
+    # Expert state is sharded over the expert-data-parallel group (DP / EP ranks hold the same experts).
+    shards = (dp, max(1, dp // ep)) if par.use_distributed_optimizer else (1, 1)
+    adam = (8 if w == 4 else 12) * (dense / shards[0] + experts / shards[1])
     tokens = micro_batch_tokens(cfg, dp)
     longest = round_up(cfg.model.max_seq_length, pad_multiple(tp))
     row = tokens if par.pack_sequences else longest
@@ -216,8 +272,10 @@ def plan_learner(cfg, dp: int, gpu_bytes: float, kernels: str = "te") -> Learner
     return LearnerPlan(dp=dp, params=params, weights=w * params, grads=4 * params, optimizer=adam, tokens=tokens,
                        row=row, in_flight=pp, activations=acts, recompute=par.recompute,
                        logprob=logprob_bytes(dims, w, tp, tokens, par.logprob_chunk_tokens),
+                       dispatch=moe_dispatch_bytes(dims, w, tp, tokens),
                        lag_copy=w * params if cfg.algo.logp_lag_source == "recompute" else 0.0,
-                       reserve=LEARNER_RESERVE_GB * GB, usable=gpu_bytes * (1 - FRAGMENTATION))
+                       reserve=LEARNER_RESERVE_GB * GB, usable=gpu_bytes * (1 - FRAGMENTATION), ep=ep,
+                       expert_params=experts)
 
 
 @dataclass(frozen=True)
@@ -337,9 +395,10 @@ def learner_advice(cfg, plan: MemoryPlan) -> str:
         return f"{head}; {' or '.join(single[:2])}"
     if _fits(trial, plan):
         return f"{head}; {' and '.join(together)}"
-    tp = par.tensor_model_parallel_size
+    tp, ep = par.tensor_model_parallel_size, par.expert_model_parallel_size
+    experts = f", parallel.expert_model_parallel_size (now {ep})" if cfg.model.num_experts else ""
     return (f"{head}; even one sequence of model.max_seq_length={cfg.model.max_seq_length} tokens with full "
-            f"recompute does not fit: raise parallel.tensor_model_parallel_size (now {tp}) or "
+            f"recompute does not fit: raise parallel.tensor_model_parallel_size (now {tp}){experts} or "
             "parallel.pipeline_model_parallel_size")
 
 
@@ -370,12 +429,18 @@ def format_plan(cfg, plan: MemoryPlan, source: str) -> str:
     par, lp = cfg.parallel, plan.learner
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     chunk = par.logprob_chunk_tokens
+    moe = cfg.model.num_experts > 0
     opt = f"distributed over DP={lp.dp}" if par.use_distributed_optimizer else "not sharded"
+    if moe and par.use_distributed_optimizer:  # short: the row's label column is 50 wide
+        opt = f"over DP={lp.dp}, experts DP/EP={max(1, lp.dp // lp.ep)}"
     mark = {m: ("  <- configured" if m == lp.recompute else "") for m in lp.activations}
+    experts = (f" ({lp.expert_params / 1e9:.2f} B of them experts: {cfg.model.num_experts // lp.ep} of "
+               f"{cfg.model.num_experts} per layer, each split over TP={tp})") if moe else ""
     lines = [
         f"memory plan per GPU of {plan.gpu_bytes / GB:.0f} GB (model dims: {source})",
-        f"learner GPU: TP={tp} PP={pp} DP={lp.dp}, sequence_parallel={str(par.sequence_parallel).lower()}, "
-        f"{cfg.precision.params_dtype}, {lp.params / 1e9:.2f} B parameters on the largest stage",
+        f"learner GPU: TP={tp} PP={pp} DP={lp.dp}{f' EP={lp.ep}' if moe else ''}, sequence_parallel="
+        f"{str(par.sequence_parallel).lower()}, {cfg.precision.params_dtype}, {lp.params / 1e9:.2f} B parameters "
+        f"on the largest stage{experts}",
         _row(f"weights ({cfg.precision.params_dtype})", _gb(lp.weights)),
         _row("gradients (fp32 main_grad)", _gb(lp.grads)),
         _row(f"optimizer (Adam, {opt})", _gb(lp.optimizer)),
@@ -387,6 +452,8 @@ def format_plan(cfg, plan: MemoryPlan, source: str) -> str:
         _row(f"activations, recompute=full ({par.recompute_num_layers}/chunk)", _gb(lp.activations["full"])
              + mark["full"]),
         _row(f"log-prob path ({f'chunks of {chunk}' if chunk > 0 else 'not chunked'} tokens)", _gb(lp.logprob)),
+        *([_row(f"MoE dispatch buffers (top-{cfg.model.moe_router_topk}, one layer at a time)", _gb(lp.dispatch))]
+          if moe else []),
         _row("reserve (CUDA context, NCCL)", _gb(lp.reserve)),
         _row("total", f"{_gb(lp.total)} of {lp.usable / GB:.0f} GB usable ({FRAGMENTATION:.0%} of the GPU kept "
              f"for fragmentation): {'fits' if lp.fits else 'DOES NOT FIT'}"),
@@ -424,13 +491,13 @@ def model_source(cfg) -> tuple[object, str]:
 
 
 def data_parallel_size(cfg, learner_gpus: int | None) -> int:
-    """DP from the learner GPU count, else parallel.data_parallel_size, else 1 (the optimizer unsharded:
-    the most memory)."""
+    """DP from the learner GPU count, else parallel.data_parallel_size, else the smallest that runs: 1, or
+    EP for an MoE model (EP ranks are DP ranks); the optimizer least sharded, so the most memory."""
     if learner_gpus:
         from megatron_oapl.config import check_world_size
 
         return check_world_size(cfg, learner_gpus)
-    return cfg.parallel.data_parallel_size or 1
+    return cfg.parallel.data_parallel_size or cfg.parallel.expert_model_parallel_size
 
 
 def check_memory(cfg, gpu_memory_gb: float, dp: int) -> MemoryPlan:

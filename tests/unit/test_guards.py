@@ -173,6 +173,15 @@ MODEL_CONFIGS = {
         "max_position_embeddings": 131072, "rope_theta": 1000000.0, "rms_norm_eps": 1e-5, "hidden_act": "silu",
         "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 131072,
         "max_window_layers": 48, "torch_dtype": "bfloat16"},
+    "Qwen3-30B-A3B": {
+        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 2048,
+        "intermediate_size": 6144, "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
+        "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True, "router_aux_loss_coef": 0.001,
+        "output_router_logits": False, "vocab_size": 151936, "max_position_embeddings": 40960,
+        "rope_scaling": None, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+        "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": False,
+        "use_sliding_window": False, "sliding_window": None, "max_window_layers": 48, "torch_dtype": "bfloat16"},
 }
 # (config file, model field) -> why the value written there may differ from the model's config.json.
 WRITTEN_MAY_DIFFER = {("tiny.yaml", "vocab_size"): "a placeholder: the tiny tokenizer's size comes from config.json",

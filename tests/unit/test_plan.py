@@ -13,11 +13,15 @@ import pytest
 from launch import slurm
 from megatron_oapl import cli
 from megatron_oapl.config import ConfigError, from_dict, load_config
-from megatron_oapl.plan import GB, LEARNER_RESERVE_GB, ModelDims, make_memory_plan, stage_params
+from megatron_oapl.plan import (GB, LEARNER_RESERVE_GB, ModelDims, data_parallel_size, make_memory_plan,
+                                 stage_param_split, stage_params)
+from tests.support.tiny_moe import TINY_MOE
 
 ROOT = Path(__file__).resolve().parents[2]
 QWEN4B = str(ROOT / "configs" / "qwen3_4b_math.yaml")
-RECIPES = [ROOT / "configs" / name for name in ("qwen3_4b_math.yaml", "r1_distill_qwen14b_code.yaml")]
+QWEN30B_A3B = str(ROOT / "configs" / "qwen3_30b_a3b_math.yaml")
+RECIPES = [ROOT / "configs" / name for name in ("qwen3_4b_math.yaml", "r1_distill_qwen14b_code.yaml",
+                                               "qwen3_30b_a3b_math.yaml")]
 # Both overrides restore the whole-group, no-recompute learner the recipes had before (364 GB per GPU).
 WHOLE_GROUPS = ["parallel.micro_batch_tokens=0", "parallel.pack_sequences=false", "parallel.recompute=none",
                 "parallel.micro_batch_groups=1"]
@@ -87,6 +91,85 @@ def test_engine_figures_match_the_hand_computation():
     assert engine.kv == 0.5 * 80 * GB - 2 * 86848 - 3 * GB
     assert engine.full_sequences == engine.kv_tokens // 256
     assert engine.push == 2 * 64 * 2**20 + 1 * GB and engine.outside == 0.5 * 80 * GB
+
+
+def _small_moe(**parallel):
+    """_small's attention (q/k norms: qwen3_moe), 4 experts of width 32, top-2, at TP 2 x EP 2, DP 4."""
+    cfg = _small()
+    cfg.model.preset, cfg.model.num_experts, cfg.model.moe_ffn_hidden_size = "qwen3_moe", 4, 32
+    cfg.model.moe_router_topk = 2
+    cfg.parallel.expert_model_parallel_size, cfg.parallel.data_parallel_size = 2, 4
+    for key, value in parallel.items():
+        setattr(cfg.parallel, key, value)
+    return cfg
+
+
+def test_moe_learner_figures_match_the_hand_computation():
+    cfg = _small_moe()
+    # Per layer: attention 8192 + 4096 = 12288 / TP 2 = 6144, plus norms 2 x 64 + q/k norms 2 x 16 and the
+    # router 64 x 4, whole: 6560; experts 4 x 3 x 64 x 32 = 24576 / (EP 2 x TP 2) = 6144. Two layers, the
+    # embedding and output layer (112 / 2 x 64 each) and the final norm: dense 20352, experts 12288.
+    assert stage_param_split(ModelDims.of(cfg.model), 2, 1, 2) == (2 * 6560 + 2 * 3584 + 64, 2 * 6144)
+    learner = make_memory_plan(cfg, 80, dp=4).learner
+    assert learner.params == 20352 + 12288 and learner.expert_params == 12288
+    assert (learner.weights, learner.grads) == (2 * 32640, 4 * 32640)
+    # Adam: dense state over DP 4, expert state over DP / EP = 2 (the ranks holding the same experts).
+    assert learner.optimizer == 12 * (20352 / 4 + 12288 / 2)
+    # Per token per layer (bytes, e = 2): norms 128, attention 144, RoPE 64 -> 2 x 336 = 672; the MoE MLP: 2
+    # routed copies, each the gathered input (64) and SwiGLU 3 x 32 / 2 = 48: 2 x 2 x 112 = 448, router
+    # 9 x 4 / 2 = 18; flash lse 8. Total 1146 (a dense SwiGLU of width 128 would be 192 x 2 = 384).
+    final_norm = 2 * 2 * 64 // 2 * 1024
+    assert learner.activations["none"] == 2 * 1146 * 1024 + final_norm
+    assert learner.activations["full"] == 2 * (2 * 64 // 2 * 1024) + 1146 * 1024 + final_norm
+    # Dispatch buffers: 1024 tokens x 2 copies x 64 x (permuted + all-to-all output 2 x 2 / 2, the expert
+    # output 2, its fp32 copy for the TP reduce-scatter 4).
+    assert learner.dispatch == 1024 * 2 * 64 * 8
+    assert learner.total == pytest.approx(learner.static + learner.activations["none"] + learner.logprob
+                                          + learner.dispatch + LEARNER_RESERVE_GB * GB)
+    # The engine holds every expert: 2 x (12288 + 160 + 256 + 24576) + 2 x 100 x 64 + 64 = 87424 parameters.
+    assert make_memory_plan(cfg, 80, dp=4).engine.weights == 2 * 87424
+    # Without the distributed optimizer nothing is sharded; at DP = EP the expert state is whole on each GPU.
+    assert make_memory_plan(_small_moe(use_distributed_optimizer=False), 80, 4).learner.optimizer == 12 * 32640
+    assert make_memory_plan(cfg, 80, dp=2).learner.optimizer == 12 * (20352 / 2 + 12288)
+
+
+def test_moe_parameters_match_a_real_transformers_model_per_part():
+    """The plan's counts against transformers' Qwen3-MoE (the tiny test model's shape), part by part."""
+    import transformers
+
+    model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(**TINY_MOE))
+    parts = {"experts": 0, "router": 0, "embeddings": 0, "rest": 0}
+    for name, p in model.named_parameters():
+        part = ("experts" if ".mlp.experts." in name else "router" if name.endswith(".mlp.gate.weight") else
+                "embeddings" if name in ("model.embed_tokens.weight", "lm_head.weight") else "rest")
+        parts[part] += p.numel()
+    cfg = from_dict({"model": {"preset": "qwen3_moe", "num_layers": TINY_MOE["num_hidden_layers"],
+                               "hidden_size": TINY_MOE["hidden_size"], "ffn_hidden_size": TINY_MOE["intermediate_size"],
+                               "num_attention_heads": TINY_MOE["num_attention_heads"],
+                               "num_query_groups": TINY_MOE["num_key_value_heads"], "kv_channels": TINY_MOE["head_dim"],
+                               "vocab_size": TINY_MOE["vocab_size"], "tie_word_embeddings": False,
+                               "max_seq_length": 64, "num_experts": TINY_MOE["num_experts"],
+                               "moe_ffn_hidden_size": TINY_MOE["moe_intermediate_size"],
+                               "moe_router_topk": TINY_MOE["num_experts_per_tok"]}}, check_hardware=False)
+    dims = ModelDims.of(cfg.model)
+    assert dims.total_params() == sum(parts.values()) == sum(p.numel() for p in model.parameters())
+    assert dims.layers * dims.layer_expert_params() == parts["experts"] == 2 * 4 * 3 * 32 * 16
+    # Per GPU at TP 2 x EP 2: a quarter of the experts; the router and norms whole; attention halved; the
+    # vocabulary 37 padded to 38 and halved, for the embedding and the output layer.
+    dense, experts = stage_param_split(dims, 2, 1, 2)
+    assert experts == parts["experts"] // 4
+    attention = dims.layers * dims.layer_matrix_params()
+    norms = parts["rest"] - attention  # every norm, the final one included
+    assert dense == attention // 2 + norms + parts["router"] + 2 * 19 * TINY_MOE["hidden_size"]
+
+
+def test_moe_smallest_learner_is_dp_equal_to_ep_and_a_learner_without_ep_names_it(capsys):
+    cfg = load_config(QWEN30B_A3B, check_hardware=False)
+    assert data_parallel_size(cfg, None) == 8 == data_parallel_size(cfg, 16)  # DP 1 could not run EP 8
+    code, err, _ = _plan_exit(capsys, QWEN30B_A3B, "parallel.expert_model_parallel_size=1", "--gpu-memory-gb", "80",
+                              "--learner-gpus", "16")
+    assert code == 1 and len(err) == 1 and "raise parallel.tensor_model_parallel_size (now 2), " \
+        "parallel.expert_model_parallel_size (now 1)" in err[0], err
 
 
 def _plan_exit(capsys, *argv) -> tuple[int, list[str], str]:

@@ -37,7 +37,8 @@ def _argv(path: Path, *extra: str) -> list[str]:
 def test_configs_are_shipped():
     assert {c.name for c in CONFIGS} >= {"tiny.yaml", "base_gpu.yaml", "qwen3_4b_math.yaml",
                                          "r1_distill_qwen14b_code.yaml"}
-    assert {c.name for c in RECIPES} >= {"qwen3_4b_math.yaml", "r1_distill_qwen14b_code.yaml"}
+    assert {c.name for c in RECIPES} >= {"qwen3_4b_math.yaml", "r1_distill_qwen14b_code.yaml",
+                                         "qwen3_30b_a3b_math.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
