@@ -19,9 +19,10 @@ What is patched, and why:
   and `torch.autograd.grad` are overridable functions that reach the engine through that handler: the
   engine would capture an empty mode stack, and `autograd.Function.backward` code (Megatron's
   `_gather_along_first_dim` under sequence parallelism, activation recompute) would allocate on CUDA.
-- MoE (two upstream assumptions of a GPU with TE): the router's gating tests a `te_general_gemm` name that
-  exists only with Transformer Engine, and the alltoall dispatcher hands gloo tensor split sizes (it turns
-  only CUDA tensors into host sizes).
+- MoE (upstream assumptions of a GPU with TE and NCCL): the router's gating tests a `te_general_gemm` name
+  that exists only with Transformer Engine; the alltoall dispatcher hands gloo tensor split sizes (it turns
+  only CUDA tensors into host sizes); with TP > 1 it gathers and reduce-scatters parts of different sizes per
+  rank, which NCCL supports and gloo does not (padded / all-reduced here).
 """
 
 from __future__ import annotations
@@ -200,7 +201,34 @@ def _cpu_move_to_host(tensor, as_numpy: bool = False, record_stream: bool = Fals
     return tensor
 
 
+def _gather_uneven_on_gloo(original):
+    """Megatron's first-dim gather with per-rank sizes hands all_gather outputs of different sizes, which
+    NCCL accepts and gloo refuses: pad every rank's part to the longest, gather, cut each back."""
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1 or len(set(output_split_sizes)) == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        padded = input_.new_zeros(max(output_split_sizes), *input_.shape[1:])
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in output_split_sizes]
+        torch.distributed.all_gather(parts, padded, group=group)
+        return torch.cat([part[:size] for part, size in zip(parts, output_split_sizes)])
+    return gather
+
+
+def _reduce_scatter_uneven_on_gloo(original):
+    """The reverse (its backward): with per-rank sizes gloo has no reduce_scatter; sum everything, keep ours."""
+    def reduce_scatter(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return original(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.clone()
+        torch.distributed.all_reduce(total, group=group)
+        start = sum(input_split_sizes[: group.rank()])
+        return total[start : start + input_split_sizes[group.rank()]]
+    return reduce_scatter
+
+
 def _patch_megatron_moe() -> None:
+    from megatron.core.tensor_parallel import mappings
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     # moe_utils imports te_general_gemm inside a try, but tests `te_general_gemm is not None` outside it:
@@ -208,6 +236,9 @@ def _patch_megatron_moe() -> None:
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
     token_dispatcher.maybe_move_tensor_to_cpu = _cpu_move_to_host
+    # With TP > 1 the dispatcher gathers each TP rank's routed tokens, a different number per rank.
+    mappings._gather_along_first_dim = _gather_uneven_on_gloo(mappings._gather_along_first_dim)
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_uneven_on_gloo(mappings._reduce_scatter_along_first_dim)
 
 
 def install() -> None:

@@ -34,9 +34,9 @@ def _hf_tensors(directory) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def moe_config(hf_dir, ep: int) -> dict:
-    """The shared tiny case's training settings on the tiny MoE, at EP = `ep` (DP = 2)."""
-    cfg = to_dict(convert.import_config(hf_dir, 1, 1, ep=ep))
+def moe_config(hf_dir, ep: int, tp: int = 1) -> dict:
+    """The shared tiny case's training settings on the tiny MoE, at TP x EP (DP = EP; SP with TP > 1)."""
+    cfg = to_dict(convert.import_config(hf_dir, tp, 1, ep=ep))
     case = run_config()
     for section in ("optim", "algo", "fleet"):
         cfg[section].update(case[section])
@@ -46,23 +46,35 @@ def moe_config(hf_dir, ep: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("moe")
-    hf = make_tiny_moe(root / "hf")
-    ckpt = root / "ckpt-ep2"
-    assert convert.main(["hf-to-megatron", "--hf", str(hf), "--out", str(ckpt), "--ep", "2"]) == 0
-    run_ranks(2, load_score_export, moe_config(hf, 2), str(ckpt), TOKENS, str(root))
-    return {"hf": hf, "ckpt": ckpt, "root": root, **torch.load(root / "logits.pt")}
+def hf_moe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe-hf")
+    return {"hf": make_tiny_moe(root / "hf"), "unnormalised": make_tiny_moe(root / "hf-u", seed=3, norm_topk_prob=False)}
+
+
+# TP=1 x EP=2 on 2 ranks; TP=2 x EP=2 on 4 ranks (experts split over TP too, sequence parallelism).
+@pytest.fixture(scope="module", params=[1, 2], ids=["tp1-ep2", "tp2-ep2"])
+def converted(request, hf_moe, tmp_path_factory):
+    tp, hf = request.param, hf_moe["hf"]
+    root = tmp_path_factory.mktemp(f"moe-tp{tp}")
+    ckpt = root / "ckpt"
+    assert convert.main(["hf-to-megatron", "--hf", str(hf), "--out", str(ckpt), "--tp", str(tp), "--ep", "2"]) == 0
+    run_ranks(2 * tp, load_score_export, moe_config(hf, 2, tp), str(ckpt), TOKENS, str(root),
+              str(hf_moe["unnormalised"]) if tp == 1 else None)
+    return {"hf": hf, "ckpt": ckpt, "root": root, "tp": tp, **hf_moe, **torch.load(root / "logits.pt")}
 
 
 def test_the_checkpoint_records_the_expert_layout(converted):
     cfg_text = (converted["ckpt"] / "config.yaml").read_text()
     assert "expert_model_parallel_size: 2" in cfg_text and "num_experts: 4" in cfg_text
+    assert f"tensor_model_parallel_size: {converted['tp']}" in cfg_text
 
 
 def test_megatron_forward_at_ep2_equals_transformers(converted):
     reference = hf_logits(converted["hf"], TOKENS)
     torch.testing.assert_close(converted["logits"], reference, rtol=0, atol=1e-4)
+    if "unnormalised_logits" in converted:  # norm_topk_prob false: Megatron's pre-softmax routing
+        torch.testing.assert_close(converted["unnormalised_logits"], hf_logits(converted["unnormalised"], TOKENS),
+                                   rtol=0, atol=1e-4)
 
 
 def test_expert_load_counts_the_tokens_transformers_routes(converted):
@@ -74,7 +86,8 @@ def test_expert_load_counts_the_tokens_transformers_routes(converted):
     with torch.no_grad():
         routers = model(torch.tensor(TOKENS), output_router_logits=True).router_logits  # per layer [tokens, E]
     top2 = [logits.topk(2, dim=-1).indices.flatten() for logits in routers]
-    counts = torch.stack([torch.bincount(chosen, minlength=4) for chosen in top2]).double() * 2  # two DP ranks
+    # Two DP ranks each route the tokens (under TP=2 with SP, each TP rank half of them).
+    counts = torch.stack([torch.bincount(chosen, minlength=4) for chosen in top2]).double() * 2
     load = converted["load"]
     assert counts.min() < counts.max()  # the check can tell min from max
     assert load[M.EXPERT_TOKENS_MIN] == counts.min().item() and load[M.EXPERT_TOKENS_MAX] == counts.max().item()
@@ -105,10 +118,10 @@ def test_exported_moe_directory_gives_transformers_logits(converted):
 # --------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def lives(setup, converted):
-    root = converted["root"]
-    torch.save(load_file(converted["hf"] / "model.safetensors"), root / "ref.pt")
-    ep2, ep1 = moe_config(converted["hf"], 2), moe_config(converted["hf"], 1)
+def lives(setup, hf_moe, tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe-lives")
+    torch.save(load_file(hf_moe["hf"] / "model.safetensors"), root / "ref.pt")
+    ep2, ep1 = moe_config(hf_moe["hf"], 2), moe_config(hf_moe["hf"], 1)
     saved = str(root / "run")
     resume = [{"op": "load_latest", "run_dir": saved}, {"op": "train", "tag": "resumed", "first": 3, "last": 3}]
     phases = [{"name": "A", "cfg": ep2, "actions": [
