@@ -157,7 +157,8 @@ class ParallelConfig:
     """Expert-parallel size (EP) of an MoE policy: each EP rank holds num_experts / EP experts. EP ranks are
     data-parallel ranks of the dense layers, so EP must divide DP; experts are also split over TP."""
     data_parallel_size: int | None = None
-    """Data-parallel size (DP); null = world_size / (TP * PP). When set, world_size must equal TP*PP*DP."""
+    """Data-parallel size (DP); null = world_size / (TP * PP) (a local run: expert_model_parallel_size). When set,
+    world_size must equal TP*PP*DP."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism for norms/dropout (needs TP > 1)."""
     use_distributed_optimizer: bool = False

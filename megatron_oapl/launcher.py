@@ -268,8 +268,10 @@ def _rank_failed(report: dict, errors: list[dict]) -> RankFailed:
 
 
 def world_size_of(cfg) -> int:
+    """Learner ranks of a local run: TP x PP x DP, where DP null is the least that holds the experts (EP)."""
     par = cfg.parallel
-    size = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * (par.data_parallel_size or 1)
+    dp = par.data_parallel_size or par.expert_model_parallel_size
+    size = par.tensor_model_parallel_size * par.pipeline_model_parallel_size * dp
     check_world_size(cfg, size)
     return size
 

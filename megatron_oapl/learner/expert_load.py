@@ -22,8 +22,10 @@ class ExpertLoad:
 
         self.sequence_parallel = sequence_parallel
         routers = [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, Router)]
-        # Every pipeline stage of an MoE model has routers (Qwen3-MoE: every layer is MoE).
-        self.counts = torch.zeros(len(routers), routers[0].weight.shape[0], dtype=torch.float64)
+        # Every pipeline stage of an MoE model has routers (Qwen3-MoE: every layer is MoE). The counts live
+        # on the model's device: adding on the host would synchronise the GPU at every layer.
+        self.counts = torch.zeros(len(routers), routers[0].weight.shape[0], dtype=torch.float64,
+                                  device=routers[0].weight.device)
         for layer, router in enumerate(routers):
             router.register_forward_hook(self._hook(layer))
 
@@ -31,7 +33,7 @@ class ExpertLoad:
         def count(_module, _inputs, output) -> None:
             if torch.is_grad_enabled():
                 _probs, routing_map = output
-                self.counts[layer] += routing_map.detach().sum(dim=0).to("cpu", torch.float64)
+                self.counts[layer] += routing_map.detach().sum(dim=0)
         return count
 
     def take(self) -> dict[str, float]:
@@ -42,7 +44,6 @@ class ExpertLoad:
         from megatron.core import parallel_state as ps
 
         counts, self.counts = self.counts, torch.zeros_like(self.counts)
-        counts = counts.to(torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu")
         dist.all_reduce(counts, group=ps.get_data_parallel_group())
         if self.sequence_parallel:
             dist.all_reduce(counts, group=ps.get_tensor_model_parallel_group())

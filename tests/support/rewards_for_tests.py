@@ -22,6 +22,12 @@ def exact_reward(completion_text: str, prompt: Prompt) -> float:
     return 1.0 if completion_text.strip() == str(prompt.answer) else 0.0
 
 
+def length_reward(completion_text: str, prompt: Prompt) -> float:
+    """Varies from sample to sample even for a random model that never answers: every group carries a
+    ranking signal, so a step moves the weights."""
+    return (len(completion_text) % 3) / 2
+
+
 def half_reward(completion_text: str, prompt: Prompt) -> float:
     return 0.5
 
