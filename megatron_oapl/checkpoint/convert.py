@@ -99,10 +99,11 @@ def import_config(hf_dir: str | Path, tp: int, pp: int, config_path: str | Path 
     if config_path is None and hf.get("max_position_embeddings"):
         # Without a run config, keep the HF model's context length (the defaults are the tiny run's).
         model = dataclasses.replace(model, max_seq_length=int(hf["max_position_embeddings"]))
+    # Megatron trains experts under TP only with sequence parallelism.
+    sequence_parallel = cfg.parallel.sequence_parallel or (tp > 1 and model.num_experts > 0)
     parallel = dataclasses.replace(cfg.parallel, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                    expert_model_parallel_size=ep, data_parallel_size=None, micro_batch_groups=None,
-                                   # Megatron trains experts under TP only with sequence parallelism
-                                   sequence_parallel=cfg.parallel.sequence_parallel or (tp > 1 and model.num_experts > 0))
+                                   sequence_parallel=sequence_parallel)
     cfg = dataclasses.replace(cfg, model=model, parallel=parallel)
     validate(cfg, check_hardware=False, model_read=True)
     return cfg
@@ -118,11 +119,12 @@ def _build_cfg(cfg):
 
 def _hf_moe_kwargs(model_cfg) -> dict:
     """Qwen3MoeConfig's expert fields: every layer routed (no dense MLP layers), as the learner builds it."""
-    aux = model_cfg.moe_aux_loss_coeff
+    from megatron_oapl.models.presets import router_aux_loss_coeff
+
     return dict(num_experts=model_cfg.num_experts, num_experts_per_tok=model_cfg.moe_router_topk,
                 moe_intermediate_size=model_cfg.moe_ffn_hidden_size or model_cfg.ffn_hidden_size,
                 norm_topk_prob=model_cfg.moe_norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[],
-                router_aux_loss_coef=0.001 if aux is None else aux)
+                router_aux_loss_coef=router_aux_loss_coeff(model_cfg))
 
 
 def hf_config(model_cfg, dtype, source_dir: str | Path | None = None):

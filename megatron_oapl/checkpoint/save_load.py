@@ -279,7 +279,8 @@ def load_checkpoint(ckpt_dir: str | Path, policy, ctx) -> dict:
             log.warning(
                 "checkpoint %s has %s-optimizer state but this run uses the %s optimizer "
                 "(parallel.use_distributed_optimizer changed, or parallel.expert_model_parallel_size between 1 "
-                "and more): the optimizer state is not restored and the Adam moments restart from zero", ckpt, meta.get("optimizer_kind"), _optimizer_kind(optimizer))
+                "and more): the optimizer state is not restored and the Adam moments restart from "
+                "zero", ckpt, meta.get("optimizer_kind"), _optimizer_kind(optimizer))
         load_optimizer = False
 
     with distributed_optimizer_load_fixes(optimizer) if load_optimizer else contextlib.nullcontext():

@@ -50,7 +50,7 @@ class ExpertLoad:
         pipeline = ps.get_pipeline_model_parallel_group()
         extremes = torch.stack([counts.min(), -counts.max()])  # one MIN reduction for both
         dist.all_reduce(extremes, op=dist.ReduceOp.MIN, group=pipeline)
-        total = torch.stack([counts.sum(), torch.tensor(float(counts.numel()), dtype=counts.dtype, device=counts.device)])
+        total = torch.stack([counts.sum(), counts.new_tensor(float(counts.numel()))])
         dist.all_reduce(total, group=pipeline)
         low, high, mean = extremes[0].item(), -extremes[1].item(), (total[0] / total[1]).item()
         return {M.EXPERT_TOKENS_MIN: low, M.EXPERT_TOKENS_MAX: high,

@@ -403,7 +403,8 @@ def _grad_norm_and_clip(optimizer, clip: float):
     for part in parts if clip > 0 else ():
         params = part.get_parameters()
         if params:
-            clip_grad_by_total_norm_fp32(params, clip, grad_norm, part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+            decoupled = part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+            clip_grad_by_total_norm_fp32(params, clip, grad_norm, decoupled)
     return grad_norm
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from megatron_oapl.config import ConfigError, RopeScalingConfig, validate
 from megatron_oapl.models.hf_cache import resolve_hf_path
-from megatron_oapl.models.presets import ARCHITECTURES
+from megatron_oapl.models.presets import ARCHITECTURES, DEFAULT_ROUTER_AUX_LOSS_COEF
 
 # transformers' defaults for fields a config.json may leave out (the same for Llama, Qwen2 and Qwen3).
 _DEFAULT_RMS_NORM_EPS = 1e-6
@@ -121,12 +121,14 @@ def _moe_fields(hf: dict, model_cfg) -> dict:
     """The model section's MoE fields from a qwen3_moe config.json (the hub writes num_experts, transformers 5
     num_local_experts); a set model.moe_aux_loss_coeff wins over the file's router_aux_loss_coef."""
     aux = model_cfg.moe_aux_loss_coeff
+    if aux is None:
+        aux = float(hf.get("router_aux_loss_coef", DEFAULT_ROUTER_AUX_LOSS_COEF))
     return dict(num_experts=int(hf.get("num_experts") or hf["num_local_experts"]),
                 moe_ffn_hidden_size=int(hf["moe_intermediate_size"]),
                 moe_router_topk=int(hf["num_experts_per_tok"]),
                 # transformers' Qwen3MoeConfig default is False; the released checkpoints say True
                 moe_norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-                moe_aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.001)) if aux is None else aux)
+                moe_aux_loss_coeff=aux)
 
 
 def model_config_from_hf(model_cfg, hf_dir: str | Path):

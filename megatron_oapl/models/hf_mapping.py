@@ -58,9 +58,12 @@ _GLOBAL_RULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "output_layer.weight": ("vocab", ("lm_head.weight",)),
 }
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-# One expert's fc1/fc2: SequentialMLP (local spec) `local_experts.J.linear_fc1.weight`, TEGroupedMLP `linear_fc1.weightJ`.
-_EXPERT_RE = re.compile(r"^mlp\.experts\.(?:local_experts\.(\d+)\.(linear_fc[12])\.weight|(linear_fc[12])\.weight(\d+))$")
-_EXPERT_RULES = {"linear_fc1": ("fc1", ("gate_proj.weight", "up_proj.weight")), "linear_fc2": ("row", ("down_proj.weight",))}
+# One expert's fc1/fc2: SequentialMLP (local spec) `local_experts.J.linear_fc1.weight`, TEGroupedMLP
+# `linear_fc1.weightJ`.
+_EXPERT_RE = re.compile(
+    r"^mlp\.experts\.(?:local_experts\.(\d+)\.(linear_fc[12])\.weight|(linear_fc[12])\.weight(\d+))$")
+_EXPERT_RULES = {"linear_fc1": ("fc1", ("gate_proj.weight", "up_proj.weight")),
+                 "linear_fc2": ("row", ("down_proj.weight",))}
 _LAYER_RULES["mlp.router.weight"] = ("replicated", ("mlp.gate.weight",))
 # Megatron extra state (FP8 metadata) and DDP wrappers are not weights.
 _SKIP_SUFFIXES = ("._extra_state",)

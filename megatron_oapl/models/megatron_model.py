@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from megatron_oapl.config import CHOICES, ConfigError, check_hardware
 from megatron_oapl.models.fp8 import fp8_transformer_config_kwargs
-from megatron_oapl.models.presets import get_architecture
+from megatron_oapl.models.presets import get_architecture, router_aux_loss_coeff
 from megatron_oapl.models.rope import apply_rope_scaling
 from megatron_oapl.platform import transformer_engine_problem
 
@@ -65,7 +65,7 @@ def moe_kwargs(model, par) -> dict:
     if not model.num_experts:
         # Megatron's default (allgather) dispatcher refuses variable lengths.
         return {"moe_token_dispatcher_type": "alltoall" if par.micro_batch_tokens > 0 else "allgather"}
-    aux = model.moe_aux_loss_coeff if model.moe_aux_loss_coeff is not None else 0.001
+    aux = router_aux_loss_coeff(model)
     return {
         "num_moe_experts": model.num_experts,
         "moe_ffn_hidden_size": model.moe_ffn_hidden_size or model.ffn_hidden_size,

@@ -29,6 +29,17 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+# transformers' Qwen3MoeConfig default for router_aux_loss_coef: the weight of the load-balancing loss when
+# neither the config nor the model's config.json names one.
+DEFAULT_ROUTER_AUX_LOSS_COEF = 0.001
+
+
+def router_aux_loss_coeff(model_cfg) -> float:
+    """The weight of the router's load-balancing loss for a run's model section."""
+    aux = model_cfg.moe_aux_loss_coeff
+    return DEFAULT_ROUTER_AUX_LOSS_COEF if aux is None else aux
+
+
 def get_architecture(name: str) -> Architecture:
     try:
         return ARCHITECTURES[name]

@@ -4,10 +4,10 @@ train`'s final export and `oapl convert megatron-to-hf` both write through it.
 Every pipeline stage's sender (DP rank 0, TP rank 0: the rank that pushes the stage's weights) writes the
 stage's TP-gathered tensors as they come, tensor by tensor, into safetensors shards of at most
 `shard_bytes` (`model-s{stage}-{k}.safetensors`) and a partial index of what it wrote; the stage's other TP
-ranks (and expert-parallel peers) take part in the gathers only. After a barrier, rank 0 (stage 0's sender) merges the partial indexes
-into `model.safetensors.index.json`, removes weight files of an earlier export that the index does not
-name, and copies the config and tokenizer files (the file formats: weights/hf_io.py). Nothing is gathered
-across ranks but the per-tensor TP gathers of a push; the files are the only meeting point of the stages (a
+ranks (and its expert-parallel peers) take part in the gathers only. After a barrier, rank 0 (stage 0's
+sender) merges the partial indexes into `model.safetensors.index.json`, removes weight files of an earlier
+export that the index does not name, and copies the config and tokenizer files (the file formats:
+weights/hf_io.py). Nothing is gathered across ranks but the per-tensor gathers of a push; the files are the only meeting point of the stages (a
 shared file system, as the run directory already is).
 """
 

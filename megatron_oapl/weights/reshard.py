@@ -40,11 +40,11 @@ def full_precision(tensor: torch.Tensor) -> torch.Tensor:
 def gather_role(ctx) -> str | None:
     """This rank's part in a push's or export's gathers: "all" on data-parallel rank 0; "experts" on another
     rank of the expert-parallel group of a DP-rank-0 rank (it holds experts that rank lacks); None else."""
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state as ps
 
     if ctx.dp_rank == 0:
         return "all"
-    if parallel_state.get_expert_model_parallel_world_size() > 1 and parallel_state.get_expert_data_parallel_rank() == 0:
+    if ps.get_expert_model_parallel_world_size() > 1 and ps.get_expert_data_parallel_rank() == 0:
         return "experts"
     return None
 
@@ -64,7 +64,8 @@ def _expert_tensors(mapping: HFMapping, name: str, data: torch.Tensor, offset: i
     ep_size = ps.get_expert_model_parallel_world_size()
     per_rank = mapping.num_experts // ep_size
     split = mapping.tp_split_dim(mapping.rule(name)[0]) is not None
-    shards = _gather(data, ps.get_expert_tensor_parallel_group(), ps.get_expert_tensor_parallel_world_size() if split else 1)
+    etp_size = ps.get_expert_tensor_parallel_world_size() if split else 1
+    shards = _gather(data, ps.get_expert_tensor_parallel_group(), etp_size)
     local = [t for _, t in mapping.to_hf(name, shards, offset)]
     by_rank = [_gather(t, ps.get_expert_model_parallel_group(), ep_size) for t in local]
     return [(hf_name, by_rank[i][r]) for r in range(ep_size)

@@ -51,6 +51,7 @@ from tests.support.sync_workers import (  # noqa: E402
 from tests.support.vllm_workers import (  # noqa: E402
     LOGPROB_PROMPTS,
     LOGPROB_SETTINGS,
+    engine_running,
     engine_scenario,
     run_config,
     wait_for,
@@ -96,8 +97,7 @@ def scenario(tmp_path_factory) -> Path:
               for name in ("v1", "v2", "v3", "v4")]
     engine = mp.get_context("spawn").Process(
         target=engine_scenario, args=(str(root / "engine_model"), run_config(), pushes, str(root)))
-    engine.start()
-    try:
+    with engine_running(engine, root, "v4.pt", TIMEOUT_S):
         for name, (tp, pp), bucket_bytes in (("v1", (2, 1), 1 << 20), ("v2", (1, 2), 4096)):
             (root / name).mkdir()
             run_ranks(2, learner_push_then_score, run_config(tp=tp, pp=pp), str(root / f"{name}_state.pt"),
@@ -107,16 +107,6 @@ def scenario(tmp_path_factory) -> Path:
         incomplete = dict(states["v4"])
         del incomplete["model.layers.1.mlp.down_proj.weight"]
         _send_push(rdvs["v4"][0], incomplete, 4, flip_bucket=None)
-        wait_for(root / "v4.pt", TIMEOUT_S, alive=engine.is_alive)
-        engine.join(60)
-    finally:
-        if engine.is_alive():
-            engine.terminate()
-            engine.join(10)
-        error = root / "error.txt"
-        if error.exists():
-            print(error.read_text())
-    assert engine.exitcode == 0, (root / "error.txt").read_text() if (root / "error.txt").exists() else ""
     return root
 
 

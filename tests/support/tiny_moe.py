@@ -31,3 +31,13 @@ def make_tiny_moe(out: Path, seed: int = 0, **overrides) -> Path:
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else scale * torch.randn_like(p))
     model.save_pretrained(out)
     return Path(out)
+
+
+def hub_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF directory's safetensors files, under the hub's names (a push's stream)."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors

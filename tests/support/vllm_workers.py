@@ -13,6 +13,7 @@ Files are written atomically (tmp + rename), since the learner ranks poll for th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -88,6 +89,26 @@ def wait_for(path, timeout_s: float, alive=None) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} did not appear within {timeout_s:.0f} s")
         time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def engine_running(engine, root: Path, last_file: str, timeout_s: float):
+    """Start an `engine_scenario` process for the body (which pushes to it), then wait for it to write
+    `root/last_file` and exit 0; on any failure the engine is stopped and its error file printed (a test
+    must not leave it running)."""
+    engine.start()
+    try:
+        yield
+        wait_for(root / last_file, timeout_s, alive=engine.is_alive)
+        engine.join(60)
+    finally:
+        if engine.is_alive():
+            engine.terminate()
+            engine.join(10)
+        error = root / "error.txt"
+        if error.exists():
+            print(error.read_text())
+    assert engine.exitcode == 0, (root / "error.txt").read_text() if (root / "error.txt").exists() else ""
 
 
 def _dump(groups) -> list:

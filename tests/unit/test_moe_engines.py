@@ -27,21 +27,12 @@ from megatron_oapl.weights.transport import (  # noqa: E402
     WeightSyncError,
     send_weights,
 )
-from tests.support.tiny_moe import make_tiny_moe  # noqa: E402
+from tests.support.tiny_moe import hub_tensors, make_tiny_moe  # noqa: E402
 
 LOGP_ATOL = 1e-4  # fp32 KV-cached, left-padded decoding vs one fp32 full-sequence forward, per token
 PROMPTS = [[3, 7, 11], [5, 2], [9, 9, 9, 1, 30]]
 SAMPLING = SamplingParams(n=4, temperature=0.8, top_p=1.0, max_new_tokens=8, seed=3)
 MISSING = "model.layers.1.mlp.experts.3.up_proj.weight"
-
-
-def _hub_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        tensors.update(load_file(path))
-    return tensors
 
 
 def _reference(model_dir: Path):
@@ -89,7 +80,7 @@ def _logprobs(model, prompt: list[int], completion: list[int], temperature: floa
 def test_push_in_hub_names_switches_the_engine_to_the_pushed_moe(models):
     a, b = models
     engine = TorchEngine(str(a))
-    hub = _hub_tensors(b)
+    hub = hub_tensors(b)
     assert any(".mlp.experts.3.down_proj.weight" in n for n in hub) and not any("gate_up_proj" in n for n in hub)
     _push(engine, hub, version=1)
     assert engine.version == 1
@@ -118,7 +109,7 @@ def test_push_missing_one_expert_is_refused_and_the_old_weights_stay(models):
     a, b = models
     engine = TorchEngine(str(a), version=4)
     before = {k: v.clone() for k, v in engine.model.state_dict().items()}
-    hub = _hub_tensors(b)
+    hub = hub_tensors(b)
     del hub[MISSING]
     with pytest.raises(WeightSyncError, match=MISSING.replace(".", r"\.") + ".*missing"):
         _push(engine, hub, version=5)
@@ -132,7 +123,7 @@ def test_load_weights_refuses_a_bad_expert_stream(models, fault):
     a, b = models
     engine = TorchEngine(str(a), version=2)
     before = {k: v.clone() for k, v in engine.model.state_dict().items()}
-    hub = _hub_tensors(b)
+    hub = hub_tensors(b)
     if fault == "expert_out_of_range":  # the model has experts 0..3
         bad = "model.layers.0.mlp.experts.4.gate_proj.weight"
         hub[bad] = hub["model.layers.0.mlp.experts.0.gate_proj.weight"]
