@@ -80,6 +80,8 @@ CHECKS = [
     Check("learner-bf16", 150, "the same in bf16, within bf16 tolerances"),
     Check("engine-vs-learner", 120, "light engine on CUDA: its log-probs of its samples = the learner's"),
     Check("train", 300, "`oapl train` tiny default (TP=1) on the one GPU: weight group transport, pass@1 rises"),
+    Check("moe", 120, "a tiny Qwen3-MoE on CUDA (Megatron's MoE layer, no TE): logits = transformers' (fp32), "
+                      "expert load of a backward pass = transformers' top-k counts"),
 ]
 BY_NAME = {c.name: c for c in CHECKS}
 
@@ -555,6 +557,61 @@ def _engine_vs_learner(args) -> str:
     return measured
 
 
+# ---- mixture of experts, one GPU ----
+
+MOE_LOGIT_ATOL = 1e-4  # fp32, as tests/integration/test_moe.py on CPU
+
+
+def _moe(args) -> str:
+    import dataclasses
+
+    import torch
+    import transformers
+
+    from megatron_oapl import metrics as M
+    from megatron_oapl.checkpoint.convert import import_config
+    from megatron_oapl.learner.distributed import destroy_distributed, init_distributed
+    from megatron_oapl.learner.model import build_policy
+    from megatron_oapl.models.hf_mapping import HFMapping
+    from megatron_oapl.weights.hf_io import hf_tensor_reader
+    from megatron_oapl.weights.reshard import load_hf_tensors
+    from tests.support.distributed import free_port
+    from tests.support.tiny_moe import make_tiny_moe
+
+    hf = make_tiny_moe(Path(args.out) / "tiny-moe")
+    cfg = import_config(hf, 1, 1)
+    cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, params_dtype="fp32"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a rehearsal of this worker, never a check
+    tokens = torch.tensor([[3, 17, 5, 36, 0, 22, 9, 14, 30, 1, 8, 25]], device=device)
+    positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")
+    ctx = init_distributed(cfg)
+    try:
+        policy = build_policy(cfg, ctx)
+        load_hf_tensors(policy.model, HFMapping.for_config(cfg.model), hf_tensor_reader(hf))
+        with torch.no_grad():
+            logits = policy.model[0](tokens, positions, None)[..., : cfg.model.vocab_size].float().cpu()
+        policy.model[0](tokens, positions, None).sum().backward()
+        load = policy.expert_load.take()
+    finally:
+        destroy_distributed()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32,
+                                                                  attn_implementation="eager").to(device)
+    with torch.no_grad():
+        out = reference(tokens, output_router_logits=True)
+    diff = (logits - out.logits.float().cpu()).abs().max().item()
+    chosen = [r.topk(cfg.model.moe_router_topk, dim=-1).indices.flatten() for r in out.router_logits]
+    counts = torch.stack([torch.bincount(c, minlength=cfg.model.num_experts) for c in chosen]).double()
+    measured = (f"max |logit diff| {diff:.1e} (tol {MOE_LOGIT_ATOL:g}); expert tokens min/max "
+                f"{load[M.EXPERT_TOKENS_MIN]:.0f}/{load[M.EXPERT_TOKENS_MAX]:.0f}, transformers "
+                f"{counts.min():.0f}/{counts.max():.0f}")
+    if not diff <= MOE_LOGIT_ATOL or (load[M.EXPERT_TOKENS_MIN], load[M.EXPERT_TOKENS_MAX]) != (
+            counts.min().item(), counts.max().item()):
+        raise CheckFailed(measured)
+    return measured
+
+
 # ---- oapl train, tiny default, one GPU ----
 
 _SUMMARY = re.compile(r"pass@1: ([\d.]+) ± ([\d.]+) -> ([\d.]+) ± ([\d.]+)\s+\(gain ([+-]?[\d.]+) ± ([\d.]+) paired")
@@ -715,6 +772,7 @@ WORKERS = {
     "weight-push": _weight_push,
     "engine-placement": _engine_placement,
     "bucket-checksum": _bucket_checksum,
+    "moe": _moe,
 }
 
 

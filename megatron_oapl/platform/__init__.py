@@ -1,7 +1,8 @@
 """Hardware platform: which device the learner runs on, and the CPU compatibility layer.
 
-`activate()` is called exactly once, by the learner's distributed init. On a CUDA machine it does
-nothing; without a GPU it installs `cpu.CudaOnCpu` so that unmodified Megatron-Core runs on gloo.
+`activate()` is called exactly once, by the learner's distributed init. On a CUDA machine it only defines
+one name Megatron's MoE code reads without Transformer Engine; without a GPU it installs `cpu.CudaOnCpu` so
+that unmodified Megatron-Core runs on gloo.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def activate() -> str:
     if _ACTIVE is not None:
         return _ACTIVE
     if has_gpu():
+        guard_missing_te_names()  # an upstream slip that a GPU image without Transformer Engine meets too
         _ACTIVE = "cuda"
     else:
         from megatron_oapl.platform import cpu
@@ -36,6 +38,16 @@ def activate() -> str:
         cpu.install()
         _ACTIVE = "cpu"
     return _ACTIVE
+
+
+def guard_missing_te_names() -> None:
+    """Megatron's moe_utils imports `te_general_gemm` inside a try, but tests `te_general_gemm is not None`
+    outside it: without Transformer Engine (CPU, or a GPU image without it) the name is missing and the
+    router's gating raises NameError. Define it as None, which is what that test means."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def device() -> torch.device:

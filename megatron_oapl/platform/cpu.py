@@ -229,12 +229,11 @@ def _reduce_scatter_uneven_on_gloo(original):
 
 def _patch_megatron_moe() -> None:
     from megatron.core.tensor_parallel import mappings
-    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+    from megatron.core.transformer.moe import token_dispatcher
 
-    # moe_utils imports te_general_gemm inside a try, but tests `te_general_gemm is not None` outside it:
-    # without Transformer Engine the name is missing and the router's gating raises NameError.
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
+    from megatron_oapl.platform import guard_missing_te_names
+
+    guard_missing_te_names()
     token_dispatcher.maybe_move_tensor_to_cpu = _cpu_move_to_host
     # With TP > 1 the dispatcher gathers each TP rank's routed tokens, a different number per rank.
     mappings._gather_along_first_dim = _gather_uneven_on_gloo(mappings._gather_along_first_dim)
