@@ -122,19 +122,26 @@ def lives(setup, hf_moe, tmp_path_factory):
     root = tmp_path_factory.mktemp("moe-lives")
     torch.save(load_file(hf_moe["hf"] / "model.safetensors"), root / "ref.pt")
     ep2, ep1 = moe_config(hf_moe["hf"], 2), moe_config(hf_moe["hf"], 1)
-    saved = str(root / "run")
-    resume = [{"op": "load_latest", "run_dir": saved}, {"op": "train", "tag": "resumed", "first": 3, "last": 3}]
-    phases = [{"name": "A", "cfg": ep2, "actions": [
-                   {"op": "train", "tag": "straight", "first": 1, "last": 3, "save_dir": saved, "save_at": [2]}]},
-              {"name": "B", "cfg": ep2, "actions": resume},
-              {"name": "C", "cfg": ep1, "actions": resume}]
+    ep2_dist = {**ep2, "parallel": {**ep2["parallel"], "use_distributed_optimizer": True}}
+
+    def life(saved: str) -> tuple[list[dict], list[dict]]:
+        return ([{"op": "train", "tag": "straight", "first": 1, "last": 3, "save_dir": saved, "save_at": [2]}],
+                [{"op": "load_latest", "run_dir": saved}, {"op": "train", "tag": "resumed", "first": 3, "last": 3}])
+
+    (first, resume), (first_dist, resume_dist) = life(str(root / "run")), life(str(root / "run-dist"))
+    phases = [{"name": "A", "cfg": ep2, "actions": first}, {"name": "B", "cfg": ep2, "actions": resume},
+              {"name": "C", "cfg": ep1, "actions": resume},
+              # the distributed optimizer (the GPU recipes' choice) shards expert state over expert-DP
+              {"name": "D", "cfg": ep2_dist, "actions": first_dist},
+              {"name": "E", "cfg": ep2_dist, "actions": resume_dist}]
     run_ranks(2, checkpoint_script, str(root / "ref.pt"), str(setup[0] / "batch.pt"), str(root), phases)
-    return {**{name: torch.load(root / f"{name}.rank0.pt") for name in "ABC"}, "start": torch.load(root / "ref.pt")}
+    return {**{name: torch.load(root / f"{name}.rank0.pt") for name in "ABCDE"}, "start": torch.load(root / "ref.pt")}
 
 
-def test_moe_training_resumes_bit_exact_at_ep2(lives):
-    straight, resumed = lives["A"]["train"]["straight"], lives["B"]["train"]["resumed"]
-    assert lives["B"]["loads"][0]["state"]["step"] == 2 and not lives["B"]["warnings"]
+@pytest.mark.parametrize("saved, resumed_in", [("A", "B"), ("D", "E")], ids=["adam", "distributed-adam"])
+def test_moe_training_resumes_bit_exact_at_ep2(lives, saved, resumed_in):
+    straight, resumed = lives[saved]["train"]["straight"], lives[resumed_in]["train"]["resumed"]
+    assert lives[resumed_in]["loads"][0]["state"]["step"] == 2 and not lives[resumed_in]["warnings"]
     assert resumed["losses"][3] == straight["losses"][3]
     assert set(resumed["weights"]) == set(straight["weights"])
     for key, weight in straight["weights"].items():
