@@ -30,6 +30,8 @@ def activate() -> str:
     if _ACTIVE is not None:
         return _ACTIVE
     if has_gpu():
+        from megatron_oapl.platform.upstream import guard_missing_te_names
+
         guard_missing_te_names()  # an upstream slip that a GPU image without Transformer Engine meets too
         _ACTIVE = "cuda"
     else:
@@ -38,16 +40,6 @@ def activate() -> str:
         cpu.install()
         _ACTIVE = "cpu"
     return _ACTIVE
-
-
-def guard_missing_te_names() -> None:
-    """Megatron's moe_utils imports `te_general_gemm` inside a try, but tests `te_general_gemm is not None`
-    outside it: without Transformer Engine (CPU, or a GPU image without it) the name is missing and the
-    router's gating raises NameError. Define it as None, which is what that test means."""
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
 
 
 def device() -> torch.device:

@@ -231,7 +231,7 @@ def _patch_megatron_moe() -> None:
     from megatron.core.tensor_parallel import mappings
     from megatron.core.transformer.moe import token_dispatcher
 
-    from megatron_oapl.platform import guard_missing_te_names
+    from megatron_oapl.platform.upstream import guard_missing_te_names
 
     guard_missing_te_names()
     token_dispatcher.maybe_move_tensor_to_cpu = _cpu_move_to_host
