@@ -56,6 +56,7 @@ class VersionedBuffer:
     dropped_stale: int = 0  # groups refused or evicted for being of an older version
     duplicates: int = 0  # a second group for an order (its engine was presumed dead and the order re-dealt)
     admitted: int = 0
+    taken_below: int = 0  # steps take orders in index ranges from the sampler position: all below are done
 
     def add(self, group: RolloutGroup) -> bool:
         if group.policy_version > self.current_version:
@@ -66,7 +67,9 @@ class VersionedBuffer:
         if not self.schedule.admissible(group.policy_version, self.current_version):
             self.dropped_stale += 1
             return False
-        if group.order_index in self.groups:
+        if group.order_index in self.groups or group.order_index < self.taken_below:
+            # A re-dealt order answered twice; if its first group was already trained on, the late one would
+            # otherwise wait in the buffer for a step that never asks for it.
             self.duplicates += 1
             return False
         self.groups[group.order_index] = group
@@ -86,6 +89,7 @@ class VersionedBuffer:
         """The groups of these order indices, in index order, or None until all of them are here."""
         if any(i not in self.groups for i in indices):
             return None
+        self.taken_below = max(self.taken_below, indices.stop)
         return [self.groups.pop(i) for i in indices]
 
     def __len__(self) -> int:

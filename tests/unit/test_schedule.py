@@ -40,6 +40,15 @@ def test_buffer_hands_out_by_order_index_not_arrival():
     assert [g.order_index for g in buffer.take(range(2, 4))] == [2, 3]
 
 
+def test_a_late_duplicate_of_a_trained_order_is_refused_not_kept():
+    buffer = VersionedBuffer(LagSchedule(sync_every=2))
+    assert buffer.add(group(0, 0)) and buffer.add(group(0, 1))
+    assert len(buffer.take(range(0, 2))) == 2
+    assert not buffer.add(group(0, 1))  # its re-dealt twin arrives after the step trained on order 1
+    assert buffer.duplicates == 1 and len(buffer) == 0 and buffer.admitted == 2
+    assert buffer.add(group(0, 2))  # the next orders are still admitted
+
+
 def test_tolerance_keeps_one_older_version():
     buffer = VersionedBuffer(LagSchedule(sync_every=2, max_version_lag=1), current_version=3)
     assert buffer.add(group(2, 0)) and not buffer.add(group(1, 1))
