@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 __all__ = ["TokenizerError", "load_tokenizer", "encode_prompt", "stop_token_ids", "train_sentencepiece_tokenizer",
-           "SPECIAL_TOKENS", "TOKENIZER_FILES"]
+           "SPECIAL_TOKENS", "TOKENIZER_FILES", "has_tokenizer"]
 
 # id order of the tiny tokenizer's special pieces
 SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
@@ -33,6 +33,14 @@ SPECIAL_TOKENS = {"pad": "<pad>", "unk": "<unk>", "bos": "<s>", "eos": "</s>"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "spiece.model", "vocab.json", "merges.txt", "chat_template.jinja",
                    "chat_template.json")
+# Of those, the ones that define a vocabulary (or the config naming one): a directory holding any of them is a
+# tokenizer directory; one with only special-token or chat-template files is not.
+_VOCABULARY_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def has_tokenizer(model_dir: str | Path) -> bool:
+    """Whether AutoTokenizer can load from `model_dir` (the engines decode texts only when it can)."""
+    return any((Path(model_dir) / name).exists() for name in _VOCABULARY_FILES)
 
 
 class TokenizerError(ValueError):

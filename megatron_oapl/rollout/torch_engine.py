@@ -14,24 +14,21 @@ sits in the last column; the attention mask hides the pads and the position ids 
 from __future__ import annotations
 
 import inspect
-import os
 import re
 from typing import Any, Iterable, Mapping
 
 import torch
 
+from megatron_oapl.data.tokenizer import has_tokenizer
 from megatron_oapl.rollout.engine import Engine, check_request
 from megatron_oapl.rollout.sampling import sample_with_logprobs
 from megatron_oapl.rollout.types import Sample, SamplingParams
 
 __all__ = ["TorchEngine", "fuse_hub_experts"]
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-
-
 def _load_tokenizer(model_dir: str) -> Any | None:
     """AutoTokenizer from `model_dir` if it holds tokenizer files; None otherwise (texts are then empty)."""
-    if not any(os.path.exists(os.path.join(model_dir, f)) for f in _TOKENIZER_FILES):
+    if not has_tokenizer(model_dir):
         return None
     from transformers import AutoTokenizer
 

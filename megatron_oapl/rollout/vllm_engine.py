@@ -65,6 +65,7 @@ from typing import Any, Hashable, Iterable
 
 import torch
 
+from megatron_oapl.data.tokenizer import has_tokenizer
 from megatron_oapl.rollout.engine import Engine, check_request
 from megatron_oapl.rollout.types import Sample, SamplingParams
 from megatron_oapl.rollout.vllm_extension import EXTENSION_QUALNAME
@@ -74,7 +75,6 @@ __all__ = ["VLLMEngine"]
 
 log = logging.getLogger(__name__)
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 _CPU_KV_SEQS = 256  # sequences of max_model_len tokens the explicit CPU KV cache holds
 _CPU_KV_MIN_BYTES = 64 << 20
 
@@ -94,10 +94,6 @@ def _tokens_prompt(token_ids: list[int]):
     from vllm.inputs import TokensPrompt
 
     return TokensPrompt(prompt_token_ids=[int(t) for t in token_ids])
-
-
-def _has_tokenizer(model_dir: str) -> bool:
-    return any(os.path.exists(os.path.join(model_dir, f)) for f in _TOKENIZER_FILES)
 
 
 def _cpu_kv_cache_bytes(model_dir: str, max_model_len: int, memory_fraction: float) -> int | None:
@@ -177,7 +173,7 @@ class VLLMEngine(Engine):
             binding = _cpu_threads_bind(self.tensor_parallel_size)
             if binding is not None:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
-        self._has_tokenizer = _has_tokenizer(self.model_dir)
+        self._has_tokenizer = has_tokenizer(self.model_dir)
         memory_fraction = float(cfg.fleet.vllm_gpu_memory_utilization)
         max_model_len = int(cfg.model.max_seq_length)
         kwargs: dict[str, Any] = dict(
