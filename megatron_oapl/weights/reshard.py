@@ -43,6 +43,9 @@ def gather_role(ctx) -> str | None:
     from megatron.core import parallel_state as ps
 
     if ctx.dp_rank == 0:
+        if ps.get_expert_model_parallel_rank() != 0:  # Megatron's rank order puts it there (experts gather to it)
+            raise RuntimeError(f"rank {ctx.rank}: data-parallel rank 0 is expert-parallel rank "
+                               f"{ps.get_expert_model_parallel_rank()}, not 0; the push gathers experts to EP rank 0")
         return "all"
     if ps.get_expert_model_parallel_world_size() > 1 and ps.get_expert_data_parallel_rank() == 0:
         return "experts"
@@ -57,8 +60,20 @@ def _gather(data: torch.Tensor, group, size: int) -> list[torch.Tensor]:
     return parts
 
 
+def _gather_to_first(data: torch.Tensor, group, size: int) -> list[torch.Tensor] | None:
+    """Every member's `data` on the group's first rank, None on the others."""
+    if size == 1:
+        return [data]
+    first = dist.get_global_rank(group, 0)
+    parts = [torch.empty_like(data) for _ in range(size)] if dist.get_rank() == first else None
+    dist.gather(data.contiguous(), parts, dst=first, group=group)
+    return parts
+
+
 def _expert_tensors(mapping: HFMapping, name: str, data: torch.Tensor, offset: int) -> list[tuple[str, torch.Tensor]]:
-    """Every EP rank's copy of one local expert slot, as full HF tensors of global experts."""
+    """Every EP rank's copy of one local expert slot, as full HF tensors of global experts, on EP rank 0 (the
+    DP-rank-0 member, where the sender is: EP ranks are the DP ranks, in order); nothing on the other EP
+    ranks, so a push moves each expert once rather than to every EP rank."""
     from megatron.core import parallel_state as ps
 
     ep_size = ps.get_expert_model_parallel_world_size()
@@ -67,7 +82,9 @@ def _expert_tensors(mapping: HFMapping, name: str, data: torch.Tensor, offset: i
     etp_size = ps.get_expert_tensor_parallel_world_size() if split else 1
     shards = _gather(data, ps.get_expert_tensor_parallel_group(), etp_size)
     local = [t for _, t in mapping.to_hf(name, shards, offset)]
-    by_rank = [_gather(t, ps.get_expert_model_parallel_group(), ep_size) for t in local]
+    by_rank = [_gather_to_first(t, ps.get_expert_model_parallel_group(), ep_size) for t in local]
+    if by_rank and by_rank[0] is None:
+        return []
     return [(hf_name, by_rank[i][r]) for r in range(ep_size)
             for i, hf_name in enumerate(mapping.rule(name, offset, r * per_rank)[1])]
 
@@ -80,7 +97,7 @@ def iter_hf_tensors(
 
     Collective over the TP group: every TP rank of the stage must iterate in step; all of them receive
     the gathered tensors; with experts, over the expert-parallel group too (its members outside DP rank 0
-    iterate with `experts_only`). Tensors that need no gather alias the live parameters: copy them (as the
+    iterate with `experts_only` and receive no experts). Tensors that need no gather alias the live parameters: copy them (as the
     bucketed sender does) before the next optimizer step.
     """
     from megatron.core import parallel_state
