@@ -457,6 +457,8 @@ def format_plan(cfg, plan: MemoryPlan, source: str) -> str:
         _row("reserve (CUDA context, NCCL)", _gb(lp.reserve)),
         _row("total", f"{_gb(lp.total)} of {lp.usable / GB:.0f} GB usable ({FRAGMENTATION:.0%} of the GPU kept "
              f"for fragmentation): {'fits' if lp.fits else 'DOES NOT FIT'}"),
+        _row("host RAM of each stage's push sender", f"{_gb(sender_host_bytes(cfg))} (the stage's whole weights, "
+             "kept for engines that restart)"),
     ]
     eng = plan.engine
     if eng is None:
@@ -475,6 +477,13 @@ def format_plan(cfg, plan: MemoryPlan, source: str) -> str:
              f"{'fits' if eng.push <= eng.outside else 'DOES NOT FIT'}"),
     ]
     return "\n".join(lines)
+
+
+def sender_host_bytes(cfg) -> float:
+    """Host memory the push sender of the largest pipeline stage keeps (weights.sync.WeightPusher): its stage
+    whole, every expert and no TP split, in the parameter dtype."""
+    return _DTYPE_BYTES[cfg.precision.params_dtype] * sum(
+        stage_param_split(ModelDims.of(cfg.model), 1, cfg.parallel.pipeline_model_parallel_size, 1))
 
 
 def model_source(cfg) -> tuple[object, str]:

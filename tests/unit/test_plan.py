@@ -14,7 +14,7 @@ from launch import slurm
 from megatron_oapl import cli
 from megatron_oapl.config import ConfigError, from_dict, load_config
 from megatron_oapl.plan import (GB, LEARNER_RESERVE_GB, ModelDims, data_parallel_size, make_memory_plan,
-                                 stage_param_split, stage_params)
+                                 sender_host_bytes, stage_param_split, stage_params)
 from tests.support.tiny_moe import TINY_MOE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -161,6 +161,8 @@ def test_moe_parameters_match_a_real_transformers_model_per_part():
     attention = dims.layers * dims.layer_matrix_params()
     norms = parts["rest"] - attention  # every norm, the final one included
     assert dense == attention // 2 + norms + parts["router"] + 2 * 19 * TINY_MOE["hidden_size"]
+    # The push sender's host copy: the whole model (one stage), every expert, fp32 here.
+    assert sender_host_bytes(cfg) == 4 * sum(p.numel() for p in model.parameters())
 
 
 def test_moe_smallest_learner_is_dp_equal_to_ep_and_a_learner_without_ep_names_it(capsys):
