@@ -123,6 +123,7 @@ def lives(setup, hf_moe, tmp_path_factory):
     torch.save(load_file(hf_moe["hf"] / "model.safetensors"), root / "ref.pt")
     ep2, ep1 = moe_config(hf_moe["hf"], 2), moe_config(hf_moe["hf"], 1)
     ep2_dist = {**ep2, "parallel": {**ep2["parallel"], "use_distributed_optimizer": True}}
+    pp2 = {**ep1, "parallel": {**ep1["parallel"], "pipeline_model_parallel_size": 2}}
 
     def life(saved: str) -> tuple[list[dict], list[dict]]:
         return ([{"op": "train", "tag": "straight", "first": 1, "last": 3, "save_dir": saved, "save_at": [2]}],
@@ -130,12 +131,13 @@ def lives(setup, hf_moe, tmp_path_factory):
 
     (first, resume), (first_dist, resume_dist) = life(str(root / "run")), life(str(root / "run-dist"))
     phases = [{"name": "A", "cfg": ep2, "actions": first}, {"name": "B", "cfg": ep2, "actions": resume},
-              {"name": "C", "cfg": ep1, "actions": resume},
+              {"name": "C", "cfg": ep1, "actions": resume}, {"name": "F", "cfg": pp2, "actions": resume},
               # the distributed optimizer (the GPU recipes' choice) shards expert state over expert-DP
               {"name": "D", "cfg": ep2_dist, "actions": first_dist},
               {"name": "E", "cfg": ep2_dist, "actions": resume_dist}]
     run_ranks(2, checkpoint_script, str(root / "ref.pt"), str(setup[0] / "batch.pt"), str(root), phases)
-    return {**{name: torch.load(root / f"{name}.rank0.pt") for name in "ABCDE"}, "start": torch.load(root / "ref.pt")}
+    return {**{name: torch.load(root / f"{name}.rank0.pt") for name in "ABCDE"}, "start": torch.load(root / "ref.pt"),
+            "F": [torch.load(root / f"F.rank{rank}.pt") for rank in (0, 1)]}  # one record per pipeline stage
 
 
 @pytest.mark.parametrize("saved, resumed_in", [("A", "B"), ("D", "E")], ids=["adam", "distributed-adam"])
@@ -159,3 +161,14 @@ def test_an_ep2_checkpoint_resumes_at_ep1_with_the_experts_resharded(lives):
     assert resumed["losses"][3] == pytest.approx(straight["losses"][3], rel=1e-6)
     assert any("optimizer state is not restored" in w and "expert_model_parallel_size" in w
                for w in lives["C"]["warnings"])
+
+
+def test_an_ep2_checkpoint_resumes_on_two_pipeline_stages(lives):
+    """PP=2: each stage holds one layer's router and experts, named with their global layer index."""
+    straight = lives["A"]["train"]["straight"]
+    stages = [record["train"]["resumed"] for record in lives["F"]]
+    for stage in stages:  # the loss reaches both stages
+        assert stage["losses"][3] == pytest.approx(straight["losses"][3], rel=1e-6)
+    names = [set(stage["weights"]) for stage in stages]
+    assert not names[0] & names[1] and names[0] | names[1] == set(straight["weights"])
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in names[1] and "model.layers.1.mlp.gate.weight" in names[1]
