@@ -90,6 +90,11 @@ class TrainBatch:
                                    loss_mask=pad(self.loss_mask, (0, extra)),
                                    behaviour_logp=pad(self.behaviour_logp, (0, extra)))
 
+    def padding(self) -> torch.Tensor:
+        """[N, S] True on each row's padding (positions at or past its length)."""
+        positions = torch.arange(self.seq_length, device=self.tokens.device)
+        return positions[None, :] >= self.lengths.to(self.tokens.device)[:, None]
+
     def to(self, device: torch.device) -> "TrainBatch":
         return TrainBatch(
             **{
@@ -279,6 +284,10 @@ class SequenceMicroBatch:
 
     def to(self, device: torch.device) -> "SequenceMicroBatch":
         return SequenceMicroBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def padding(self) -> torch.Tensor:
+        """[R, L] True on padding (the positions of no sequence)."""
+        return self.segments < 0
 
     def block_causal_mask(self) -> torch.Tensor:
         """Megatron's boolean attention mask [R, 1, L, L] (True = masked): causal and confined to each

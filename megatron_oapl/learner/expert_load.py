@@ -2,8 +2,9 @@
 
 A forward hook on every router adds up its routing map (tokens x experts) while gradients are enabled, so
 each micro-batch counts once: the log-prob passes run without gradients, and under full recompute the
-first forward runs without gradients and only the recomputation in backward counts. Padding tokens of a
-micro-batch are routed like any other and are counted too.
+first forward runs without gradients and only the recomputation in backward counts. Padding is routed (the
+dispatcher moves it) but not counted: the learner hands the MoE layers a padding mask
+(`learner.step.moe_padding`), which the router receives after the hidden states, [sequence, batch].
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ class ExpertLoad:
             router.register_forward_hook(self._hook(layer))
 
     def _hook(self, layer: int):
-        def count(_module, _inputs, output) -> None:
+        def count(_module, inputs, output) -> None:
             if torch.is_grad_enabled():
                 _probs, routing_map = output
+                padding = inputs[1] if len(inputs) > 1 else None
+                if padding is not None:  # routing_map's rows are the [sequence, batch] tokens, flattened
+                    routing_map = routing_map & ~padding.reshape(-1, 1)
                 self.counts[layer] += routing_map.detach().sum(dim=0)
         return count
 

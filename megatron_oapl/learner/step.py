@@ -157,11 +157,28 @@ def _loss(spec: LossSpec, mb: TrainBatch, logits: torch.Tensor):
     return loss, torch.tensor(count, dtype=torch.int), record
 
 
+def moe_padding(model, padding: torch.Tensor) -> dict:
+    """`padding_mask` for Megatron's MoE layers ({} for a dense model): their routers leave padding out of the
+    load-balancing and z losses (and learner.expert_load out of its counts). `padding` is [rows, length], True
+    on padding. Under sequence parallelism Megatron splits it over the TP ranks on the first pipeline stage
+    only, so a later stage gets its own slice here."""
+    from megatron.core import parallel_state
+    from megatron.core.utils import get_attr_wrapped_model
+
+    config = get_attr_wrapped_model(model, "config")
+    if not config.num_moe_experts:
+        return {}
+    if config.sequence_parallel and not get_attr_wrapped_model(model, "pre_process"):
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        padding = padding.chunk(tp, dim=1)[parallel_state.get_tensor_model_parallel_rank()]
+    return {"padding_mask": padding}
+
+
 def _forward_step(spec: LossSpec, data_iterator, model):
     mb: TrainBatch = next(data_iterator)
     positions = torch.arange(mb.seq_length, device=mb.tokens.device).unsqueeze(0).expand_as(mb.tokens)
     # Causal attention: Megatron builds the mask itself; right padding never leaks into real tokens.
-    logits = model(mb.tokens, positions, None)
+    logits = model(mb.tokens, positions, None, **moe_padding(model, mb.padding()))
     return logits, partial(_loss, spec, mb)
 
 
@@ -279,10 +296,11 @@ def _packed_seq_params(mb: SequenceMicroBatch):
 def _sequence_forward_step(spec, targets, thd: bool, data_iterator, model):
     mb: SequenceMicroBatch = next(data_iterator)
     packed = mb.cu_seqlens.numel() > 1
+    padding = moe_padding(model, mb.padding())
     if thd:  # TE: one packed row as THD, sequences delimited by cu_seqlens (RoPE restarts there too)
-        logits = model(mb.tokens, mb.position_ids, None, packed_seq_params=_packed_seq_params(mb))
+        logits = model(mb.tokens, mb.position_ids, None, packed_seq_params=_packed_seq_params(mb), **padding)
     else:  # local attention: padded rows are causal as usual; a packed row gets the block-diagonal mask
-        logits = model(mb.tokens, mb.position_ids, mb.block_causal_mask() if packed else None)
+        logits = model(mb.tokens, mb.position_ids, mb.block_causal_mask() if packed else None, **padding)
     return logits, partial(_sequence_loss, spec, targets, mb)
 
 

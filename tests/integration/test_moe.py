@@ -19,7 +19,7 @@ from megatron_oapl.config import to_dict
 from tests.support.checkpoint_workers import checkpoint_script
 from tests.support.distributed import run_ranks
 from tests.support.hf_reference import hf_logits
-from tests.support.moe_workers import load_score_export
+from tests.support.moe_workers import PADDED_LENGTHS, load_score_export
 from tests.support.oapl_case import run_config
 from tests.support.tiny_moe import make_tiny_moe
 
@@ -77,21 +77,32 @@ def test_megatron_forward_at_ep2_equals_transformers(converted):
                                    rtol=0, atol=1e-4)
 
 
+def _routed_counts(model, rows: list[list[int]]) -> torch.Tensor:
+    """[layers, experts]: how many of these tokens transformers routes to each expert (top-2)."""
+    counts = 0
+    for row in rows:
+        with torch.no_grad():
+            routers = model(torch.tensor([row]), output_router_logits=True).router_logits  # per layer [tokens, E]
+        counts = counts + torch.stack([torch.bincount(r.topk(2, dim=-1).indices.flatten(), minlength=4)
+                                       for r in routers]).double()
+    return counts
+
+
 def test_expert_load_counts_the_tokens_transformers_routes(converted):
     import transformers
 
     from megatron_oapl import metrics as M
 
     model = transformers.AutoModelForCausalLM.from_pretrained(converted["hf"], dtype=torch.float32)
-    with torch.no_grad():
-        routers = model(torch.tensor(TOKENS), output_router_logits=True).router_logits  # per layer [tokens, E]
-    top2 = [logits.topk(2, dim=-1).indices.flatten() for logits in routers]
     # Two DP ranks each route the tokens (under TP=2 with SP, each TP rank half of them).
-    counts = torch.stack([torch.bincount(chosen, minlength=4) for chosen in top2]).double() * 2
-    load = converted["load"]
-    assert counts.min() < counts.max()  # the check can tell min from max
-    assert load[M.EXPERT_TOKENS_MIN] == counts.min().item() and load[M.EXPERT_TOKENS_MAX] == counts.max().item()
-    assert load[M.EXPERT_LOAD_IMBALANCE] == pytest.approx(counts.max().item() / counts.mean().item())
+    whole = _routed_counts(model, TOKENS) * 2
+    # The padded pass: only each row's real tokens count (causal: their routing ignores what follows).
+    row, reverse = TOKENS[0], TOKENS[0][::-1]
+    padded = _routed_counts(model, [row[: PADDED_LENGTHS[0]], reverse[: PADDED_LENGTHS[1]]]) * 2
+    for load, counts in ((converted["load"], whole), (converted["padded_load"], padded)):
+        assert counts.min() < counts.max()  # the check can tell min from max
+        assert (load[M.EXPERT_TOKENS_MIN], load[M.EXPERT_TOKENS_MAX]) == (counts.min().item(), counts.max().item())
+        assert load[M.EXPERT_LOAD_IMBALANCE] == pytest.approx(counts.max().item() / counts.mean().item())
     assert converted["load_without_grad"][M.EXPERT_TOKENS_MAX] == 0
 
 
@@ -124,6 +135,7 @@ def lives(setup, hf_moe, tmp_path_factory):
     ep2, ep1 = moe_config(hf_moe["hf"], 2), moe_config(hf_moe["hf"], 1)
     ep2_dist = {**ep2, "parallel": {**ep2["parallel"], "use_distributed_optimizer": True}}
     pp2 = {**ep1, "parallel": {**ep1["parallel"], "pipeline_model_parallel_size": 2}}
+    packed = {**ep2, "parallel": {**ep2["parallel"], "micro_batch_tokens": 32, "pack_sequences": True}}
 
     def life(saved: str) -> tuple[list[dict], list[dict]]:
         return ([{"op": "train", "tag": "straight", "first": 1, "last": 3, "save_dir": saved, "save_at": [2]}],
@@ -132,11 +144,12 @@ def lives(setup, hf_moe, tmp_path_factory):
     (first, resume), (first_dist, resume_dist) = life(str(root / "run")), life(str(root / "run-dist"))
     phases = [{"name": "A", "cfg": ep2, "actions": first}, {"name": "B", "cfg": ep2, "actions": resume},
               {"name": "C", "cfg": ep1, "actions": resume}, {"name": "F", "cfg": pp2, "actions": resume},
+              {"name": "G", "cfg": packed, "actions": resume},
               # the distributed optimizer (the GPU recipes' choice) shards expert state over expert-DP
               {"name": "D", "cfg": ep2_dist, "actions": first_dist},
               {"name": "E", "cfg": ep2_dist, "actions": resume_dist}]
     run_ranks(2, checkpoint_script, str(root / "ref.pt"), str(setup[0] / "batch.pt"), str(root), phases)
-    return {**{name: torch.load(root / f"{name}.rank0.pt") for name in "ABCDE"}, "start": torch.load(root / "ref.pt"),
+    return {**{name: torch.load(root / f"{name}.rank0.pt") for name in "ABCDEG"}, "start": torch.load(root / "ref.pt"),
             "F": [torch.load(root / f"F.rank{rank}.pt") for rank in (0, 1)]}  # one record per pipeline stage
 
 
@@ -172,3 +185,10 @@ def test_an_ep2_checkpoint_resumes_on_two_pipeline_stages(lives):
     names = [set(stage["weights"]) for stage in stages]
     assert not names[0] & names[1] and names[0] | names[1] == set(straight["weights"])
     assert "model.layers.1.mlp.experts.3.down_proj.weight" in names[1] and "model.layers.1.mlp.gate.weight" in names[1]
+
+
+def test_packed_token_budget_micro_batches_give_the_same_moe_step(lives):
+    """Sequences packed into 32-token rows (the recipes' layout): the same step-3 loss as whole groups."""
+    straight, packed = lives["A"]["train"]["straight"], lives["G"]["train"]["resumed"]
+    assert lives["G"]["loads"][0]["state"]["step"] == 2 and not lives["G"]["warnings"]
+    assert packed["losses"][3] == pytest.approx(straight["losses"][3], rel=1e-5)

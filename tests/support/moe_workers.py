@@ -11,6 +11,7 @@ from megatron_oapl.checkpoint.convert import export_config, export_hf_rank
 from megatron_oapl.config import from_dict
 from megatron_oapl.learner.distributed import destroy_distributed, init_distributed
 from megatron_oapl.learner.model import build_policy
+from megatron_oapl.learner.step import moe_padding
 from megatron_oapl.models.hf_mapping import HFMapping
 from megatron_oapl.weights.export import export_hf_model
 from megatron_oapl.weights.hf_io import hf_tensor_reader
@@ -23,6 +24,9 @@ def _fresh_layout(cfg):
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     return init_distributed(cfg)
+
+
+PADDED_LENGTHS = (8, 5)  # real tokens of the two rows of the padded pass
 
 
 def _logits(policy, cfg, tokens: torch.Tensor) -> torch.Tensor:
@@ -52,6 +56,11 @@ def load_score_export(cfg_dict: dict, ckpt: str, tokens: list[list[int]], out_di
         positions = torch.arange(tokens_t.shape[1]).unsqueeze(0).expand_as(tokens_t)
         policy.model[0](tokens_t, positions, None).sum().backward()  # a training pass: counts once per rank
         record["load"] = policy.expert_load.take()
+        # Two rows of different lengths, right-padded as the learner pads them: padding is routed, not counted.
+        rows = torch.tensor([tokens[0], tokens[0][::-1]])
+        padding = torch.arange(rows.shape[1])[None, :] >= torch.tensor(PADDED_LENGTHS)[:, None]
+        policy.model[0](rows, positions.expand_as(rows), None, **moe_padding(policy.model[0], padding)).sum().backward()
+        record["padded_load"] = policy.expert_load.take()
         with torch.no_grad():
             export_hf_model(policy.model, HFMapping.for_config(cfg.model), ctx, None, Path(out_dir) / "live",
                             dtype=torch.float32)
