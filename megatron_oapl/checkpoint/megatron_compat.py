@@ -11,6 +11,7 @@ import queue
 
 import torch
 
+from megatron_oapl.learner.model import optimizer_parts
 from megatron_oapl.procs import forked_children_die_with_this_process
 
 
@@ -22,7 +23,7 @@ def torch_adam_distributed_optimizers(optimizer) -> list:
 
     if distrib_optimizer.HAVE_APEX_OR_TE:
         return []
-    return [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(o, DistributedOptimizer)]
+    return [o for o in optimizer_parts(optimizer) if isinstance(o, DistributedOptimizer)]
 
 
 @contextlib.contextmanager

@@ -47,6 +47,7 @@ from megatron_oapl.checkpoint.megatron_compat import (
     distributed_optimizer_load_fixes, optimizer_metadata, writers_die_with_this_rank,
 )
 from megatron_oapl.disk import StorageError, free_bytes, storage_cause
+from megatron_oapl.learner.model import optimizer_parts
 
 log = logging.getLogger("oapl.checkpoint")
 
@@ -119,13 +120,13 @@ def _optimizer_kind(optimizer) -> str:
     saved state is keyed per part, so EP 1 <-> EP > 1 cannot reshard it."""
     from megatron.core.optimizer import DistributedOptimizer
 
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    inner = optimizer_parts(optimizer)
     kind = "distributed" if any(isinstance(o, DistributedOptimizer) for o in inner) else "plain"
     return kind + "+experts" if len(inner) > 1 else kind
 
 
 def _optimizer_has_state(optimizer) -> bool:
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    inner = optimizer_parts(optimizer)
     return any(len(getattr(o, "optimizer", None).state) > 0 for o in inner if getattr(o, "optimizer", None) is not None)
 
 

@@ -22,6 +22,12 @@ class Policy:
     expert_load: object = None  # learner.expert_load.ExpertLoad of an MoE policy
 
 
+def optimizer_parts(optimizer) -> list:
+    """Megatron's optimizer as a list of its parts: a ChainedOptimizer's (an MoE policy with EP > 1 has one for
+    the dense and one for the expert parameters; Megatron may chain one alone too), else the optimizer itself."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def build_model(cfg, ctx) -> tuple[list, object]:
     """The DDP-wrapped model chunks of this pipeline stage, and their TransformerConfig."""
     from megatron.core.distributed import (

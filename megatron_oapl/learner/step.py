@@ -41,6 +41,7 @@ from megatron_oapl.learner.batch import (
     whole_group_padding,
 )
 from megatron_oapl.learner.logprobs import vocab_parallel_token_logprobs
+from megatron_oapl.learner.model import optimizer_parts
 
 
 class TrainingDiverged(RuntimeError):
@@ -414,7 +415,7 @@ def _grad_norm_and_clip(optimizer, clip: float):
     parts and each part is clipped by that one total, as Megatron's own `ChainedOptimizer.step` does."""
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
-    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    parts = optimizer_parts(optimizer)
     if len(parts) == 1:
         return optimizer.clip_grad_norm(clip) if clip > 0 else optimizer.get_grad_norm()
     grad_norm = optimizer.get_grad_norm()

@@ -26,6 +26,7 @@ from megatron_oapl.rollout.types import Sample, SamplingParams
 
 __all__ = ["TorchEngine", "fuse_hub_experts"]
 
+
 def _load_tokenizer(model_dir: str) -> Any | None:
     """AutoTokenizer from `model_dir` if it holds tokenizer files; None otherwise (texts are then empty)."""
     if not has_tokenizer(model_dir):
