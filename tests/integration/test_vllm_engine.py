@@ -54,7 +54,6 @@ from tests.support.vllm_workers import (  # noqa: E402
     engine_running,
     engine_scenario,
     run_config,
-    wait_for,
     write_hf_model,
 )
 
@@ -223,25 +222,10 @@ def tp2_scenario(tmp_path_factory) -> Path:
         kwargs={"sample_initial": False, "record_shards": True})
     light = spawn.Process(target=engine_receive_and_sample,
                           args=(str(root / "engine_model"), pushes[0]["rendezvous"], 1, str(root / "light.pt"), 1))
-    engine.start()
-    light.start()
-    try:
+    with engine_running(engine, root, "v3.pt", TIMEOUT_S, others=(light,)):
         _send_push(rdvs["v1"][0], states["v1"], 1, flip_bucket=None)
         assert _send_push(rdvs["v2"][0], states["v2"], 2, flip_bucket=1) > 2
         _send_push(rdvs["v3"][0], states["v3"], 3, flip_bucket=None)  # completes: rank 1 received it all
-        wait_for(root / "v3.pt", TIMEOUT_S, alive=engine.is_alive)
-        engine.join(60)
-        light.join(60)
-    finally:
-        for proc in (engine, light):
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(10)
-        error = root / "error.txt"
-        if error.exists():
-            print(error.read_text())
-    assert engine.exitcode == 0, (root / "error.txt").read_text() if (root / "error.txt").exists() else ""
-    assert light.exitcode == 0
     return root
 
 

@@ -92,23 +92,28 @@ def wait_for(path, timeout_s: float, alive=None) -> None:
 
 
 @contextlib.contextmanager
-def engine_running(engine, root: Path, last_file: str, timeout_s: float):
-    """Start an `engine_scenario` process for the body (which pushes to it), then wait for it to write
-    `root/last_file` and exit 0; on any failure the engine is stopped and its error file printed (a test
-    must not leave it running)."""
-    engine.start()
+def engine_running(engine, root: Path, last_file: str, timeout_s: float, others: tuple = ()):
+    """Start an `engine_scenario` process (and `others`, receivers beside it) for the body (which pushes to
+    them), then wait for it to write `root/last_file` and every process to exit 0; on any failure they are
+    stopped and the engine's error file printed (a test must not leave them running)."""
+    procs = (engine, *others)
+    for proc in procs:
+        proc.start()
     try:
         yield
         wait_for(root / last_file, timeout_s, alive=engine.is_alive)
-        engine.join(60)
+        for proc in procs:
+            proc.join(60)
     finally:
-        if engine.is_alive():
-            engine.terminate()
-            engine.join(10)
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(10)
         error = root / "error.txt"
         if error.exists():
             print(error.read_text())
     assert engine.exitcode == 0, (root / "error.txt").read_text() if (root / "error.txt").exists() else ""
+    assert all(proc.exitcode == 0 for proc in others), [proc.exitcode for proc in others]
 
 
 def _dump(groups) -> list:
